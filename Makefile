@@ -1,0 +1,27 @@
+# Every target creates .venv when it is missing and installs the package into it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) examples/compare.py --out runs/demo
+
+bench: install
+	$(PIP) install -q -e '.[test,bench]'
+	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/latest.json -q
+	$(PY) bench/make_results.py bench/latest.json bench/RESULTS.md
+
+clean:
+	rm -rf $(VENV) runs .benchmarks
