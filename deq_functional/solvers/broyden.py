@@ -8,7 +8,6 @@ import torch
 from einops import einsum
 
 from ._base import Solver, check_int
-from .anderson import push
 
 
 def apply_inverse(us: tuple, vs: tuple, w: torch.Tensor) -> torch.Tensor:
@@ -31,8 +30,10 @@ class Broyden(Solver):
     Keeps ``Ĵ⁻¹ ≈ (∂F/∂z)⁻¹ = −I + Σᵢ uᵢ vᵢᵀ`` (starting at ``−I``, so the first step is
     Picard) and steps ``z_{k+1} = z_k − Ĵ⁻¹ F(z_k)``. After each step, with
     ``Δz = z_{k+1} − z_k`` and ``ΔF = F(z_{k+1}) − F(z_k)`` (Sherman–Morrison form):
-    ``v = Ĵ⁻ᵀ Δz``, ``u = (Δz − Ĵ⁻¹ ΔF) / (vᵀ ΔF)``. When the memory is full the oldest
-    pair is dropped, so the method keeps converging past ``memory`` iterations. A pair
+    ``v = Ĵ⁻ᵀ Δz``, ``u = (Δz − Ĵ⁻¹ ΔF) / (vᵀ ΔF)``. When the memory is full the
+    approximation restarts from ``−I`` (restarted Broyden): dropping only the oldest
+    pair was seen to diverge on slowly contracting symmetric maps, restarting kept
+    converging (tests/test_solvers.py). A pair
     with ``|vᵀΔF| ≈ 0`` (e.g. a frozen, converged sample) is skipped.
     Cost per iteration: one ``g`` call plus ``O(B · memory · D)``; memory ``2 · memory · B D``.
 
@@ -70,5 +71,7 @@ class Broyden(Solver):
                 torch.linalg.vector_norm(v, dim=1, keepdim=True) * torch.linalg.vector_norm(dF, dim=1, keepdim=True)
             )
             u = torch.where(safe, (dz - apply_inverse(us, vs, dF)) / torch.where(safe, den, torch.ones_like(den)), 0.0)
-            us, vs = push(us, u, self.memory), push(vs, v, self.memory)
+            if len(us) == self.memory:  # memory full: restart from Ĵ⁻¹ = −I
+                us, vs = (), ()
+            us, vs = us + (u,), vs + (v,)
         return z - apply_inverse(us, vs, F), (us, vs, z, F)
