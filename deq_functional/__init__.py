@@ -6,6 +6,7 @@
 from ._fixed_point import fixed_point
 from ._info import FixedPointError, Info
 from ._module import from_module, to_module
+from .memory import SavedTensorBytes
 from ._problem import FixedPointWarning
 from .gradients import IFT, JFB, Neumann, Phantom, Unrolled
 from .solvers import Anderson, Broyden, Picard, Solver
@@ -26,4 +27,5 @@ __all__ = [
     "Unrolled",
     "from_module",
     "to_module",
+    "SavedTensorBytes",
 ]
