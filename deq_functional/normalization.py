@@ -145,7 +145,9 @@ def spectral_normalize(
 
     Returns:
         ``(new_params, state)``: ``new_params`` shares every untouched leaf with
-        ``params``; ``state`` maps each key to its detached left vector ``u`` of shape ``(out,)``.
+        ``params``; ``state`` maps each key to its detached left vector ``u`` of shape ``(out,)``
+        (entries of the given state for other keys are passed through, so one dict can
+        serve several calls).
 
     Raises:
         ValueError: unknown key path, a leaf that is not a tensor or has ``ndim < 2``,
@@ -167,7 +169,7 @@ def spectral_normalize(
     fn = "spectral_normalize"
     keys = _as_keys(keys, fn)
     _check_common(bound, n_iter, state, fn)
-    new_state: dict = {}
+    new_state = dict(state or {})  # entries for other keys pass through
     out = params
     for key in keys:
         W = _get(params, key, fn)
@@ -236,7 +238,7 @@ def conv_lipschitz_rescale(
 
     Returns:
         ``(new_params, state)``; ``state`` maps each key to its detached unit
-        input-space vector of shape ``input_shape``.
+        input-space vector of shape ``input_shape`` (other entries pass through).
 
     Raises:
         ValueError: unknown key path, a kernel that is not 4-D, ``input_shape`` not
@@ -263,7 +265,7 @@ def conv_lipschitz_rescale(
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else None
     if shape is None or len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
         raise ValueError(f"{fn}: input_shape must be (C, H, W) of positive ints, got {input_shape!r}")
-    new_state: dict = {}
+    new_state = dict(state or {})  # entries for other keys pass through
     out = params
     for key in keys:
         W = _get(params, key, fn)

@@ -181,3 +181,16 @@ def test_errors_name_the_problem():
         conv_lipschitz_rescale(conv, "c", (2, 4, 4))
     with pytest.raises(ValueError, match="input_shape must be"):
         conv_lipschitz_rescale(conv, "c", (3, 4))
+
+
+def test_one_state_dict_serves_both_functions():
+    g = _gen(8)
+    params = {"lin": torch.randn(5, 4, generator=g), "conv": torch.randn(2, 2, 3, 3, generator=g)}
+    p, state = spectral_normalize(params, "lin", generator=g)
+    p, state = conv_lipschitz_rescale(p, "conv", (2, 4, 4), state=None, generator=g)
+    assert set(state) == {"conv"}
+    p, st1 = spectral_normalize(params, "lin", generator=g)
+    p, st2 = conv_lipschitz_rescale(p, "conv", (2, 4, 4), state={**st1, "conv": state["conv"]})
+    assert set(st2) == {"lin", "conv"} and st2["lin"] is st1["lin"]
+    p, st3 = spectral_normalize(p, "lin", state=st2)
+    assert set(st3) == {"lin", "conv"}
