@@ -6,7 +6,10 @@
 from ._fixed_point import fixed_point
 from ._info import FixedPointError, Info
 from ._module import from_module, to_module
+from .correction import correction_loss, correction_weights
 from .memory import SavedTensorBytes
+from .normalization import conv_lipschitz_rescale, spectral_normalize
+from .regularizers import jacobian_frobenius, spectral_radius
 from ._problem import FixedPointWarning
 from .gradients import IFT, JFB, Neumann, Phantom, Unrolled
 from .solvers import Anderson, Broyden, Picard, Solver
@@ -28,4 +31,10 @@ __all__ = [
     "from_module",
     "to_module",
     "SavedTensorBytes",
+    "spectral_normalize",
+    "conv_lipschitz_rescale",
+    "jacobian_frobenius",
+    "spectral_radius",
+    "correction_loss",
+    "correction_weights",
 ]

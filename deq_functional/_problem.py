@@ -9,7 +9,7 @@ import torch
 
 from ._info import FixedPointError
 from ._loop import values_readable
-from ._tree import TreeSpec, describe, flatten, unflatten
+from ._tree import TreeSpec, describe, dtype_name, flatten, unflatten
 
 ON_NONCONVERGENCE = ("ignore", "warn", "raise")
 
@@ -97,7 +97,8 @@ class Problem:
         for o, t in zip(out_leaves, z_leaves):
             if o.dtype != t.dtype and o.dtype not in _autocast_dtypes(t.device.type):
                 raise ValueError(
-                    f"fixed_point: f(params, z, x) returned dtype {o.dtype} where z has {t.dtype}: "
+                    f"fixed_point: f(params, z, x) returned dtype {dtype_name(o.dtype)} where z has "
+                    f"{dtype_name(t.dtype)}: "
                     f"got {describe(out)} for z = {describe(z)}; cast f's output (or z0) to one dtype"
                 )
 

@@ -82,13 +82,17 @@ def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
     return unflatten(spec, [fn(*args) for args in zip(leaves, *others)])
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).replace("torch.", "")
+
+
 def describe(tree: Any) -> str:
     """Human-readable structure with shapes and dtypes, for error messages."""
     if tree is None:
         return "None"
     if isinstance(tree, torch.Tensor):
-        dtype = str(tree.dtype).replace("torch.", "")
-        return f"Tensor(shape={tuple(tree.shape)}, dtype={dtype})"
+        return f"Tensor(shape={tuple(tree.shape)}, dtype={dtype_name(tree.dtype)})"
     if isinstance(tree, dict):
         return "{" + ", ".join(f"{k!r}: {describe(tree[k])}" for k in _dict_keys(tree)) + "}"
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
