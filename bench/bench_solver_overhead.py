@@ -1,0 +1,109 @@
+"""(1) Solver overhead: time per solver iteration ÷ one bare f call, under no_grad.
+
+A solve cannot cost less than its f calls; this is our distance to that limit.
+Per iteration = the *marginal* cost, ``(T(K2) − T(K1)) / (K2 − K1)`` with
+``tol=0.0`` (exactly K iterations), so the per-call constants of
+``fixed_point`` (input validation's f call, the final f application) cancel;
+the whole-call ratio ``T(K2) / (K2 · t_f)`` is reported too. Each round times
+bare f (mean of several calls), the K1 solve and the K2 solve back to back;
+the ratio is taken per round, then min and median over rounds.
+
+Compiled: ``torch.compile(solve, fullgraph=True)`` of the whole no-grad
+``fixed_point`` call (one compile per K), compared against a compiled bare f
+(same ``fullgraph=True``) and, for reference, the eager bare f.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import deq_functional as dq
+import measure
+import workloads as wl
+
+SOLVERS = {
+    "picard": lambda k: dq.Picard(max_iter=k, tol=0.0),
+    "anderson": lambda k: dq.Anderson(max_iter=k, tol=0.0, m=6),
+    "broyden": lambda k: dq.Broyden(max_iter=k, tol=0.0),
+}
+K_EAGER = (10, 30)
+K_COMPILED = (5, 15)
+ROUNDS = {"mlp": 9, "conv": 3}
+F_CALLS = {"mlp": 10, "conv": 2}  # bare-f calls averaged per round
+
+
+def _solve_fn(w, solver):
+    def solve(params, x):
+        with torch.no_grad():
+            return dq.fixed_point(w.f, params, x, solver=solver, grad_mode=dq.JFB())
+
+    return solve
+
+
+@pytest.mark.parametrize("mode", ["eager", pytest.param("compiled", marks=pytest.mark.compile)])
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("workload", ["mlp", "conv"])
+def bench_solver_overhead(benchmark, make_workload, timer, workload, solver, mode):
+    w = make_workload(workload)
+    params, z, x = w.f_bare_args()
+    k1, k2 = K_EAGER if mode == "eager" else K_COMPILED
+    solves = {k: _solve_fn(w, SOLVERS[solver](k)) for k in (k1, k2)}
+
+    def bare():
+        with torch.no_grad():
+            return w.f(params, z, x)
+
+    compile_s = {}
+    bare_eager = bare
+    if mode == "compiled":
+        torch._dynamo.reset()
+        bare = torch.compile(bare, fullgraph=True)
+        for k in (k1, k2):
+            solves[k] = torch.compile(solves[k], fullgraph=True)
+            t0 = time.perf_counter()
+            solves[k](params, x)
+            compile_s[f"K={k}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bare()
+        compile_s["bare_f"] = time.perf_counter() - t0
+
+    # warm-up (compiled: already compiled above; this also runs each once more)
+    for _ in range(2):
+        bare()
+        bare_eager()
+        for k in (k1, k2):
+            solves[k](params, x)
+
+    n_f = F_CALLS[workload]
+    rows = []
+
+    def one_round():
+        tf = timer(lambda: [bare() for _ in range(n_f)]) / n_f
+        tfe = timer(lambda: [bare_eager() for _ in range(n_f)]) / n_f if mode == "compiled" else tf
+        t1 = timer(lambda: solves[k1](params, x))
+        t2 = timer(lambda: solves[k2](params, x))
+        rows.append((tf, tfe, t1, t2))
+
+    load_before = measure.load_average()
+    benchmark.group = "solver_overhead"
+    benchmark.pedantic(one_round, rounds=ROUNDS[workload], iterations=1, warmup_rounds=0)
+
+    z_star, info = solves[k2](params, x)
+    marginal = [(t2 - t1) / (k2 - k1) / tf for tf, _, t1, t2 in rows]
+    whole = [t2 / (k2 * tf) for tf, _, t1, t2 in rows]
+    benchmark.extra_info.update({
+        "kind": "solver_overhead", "workload": workload, "workload_source": w.source,
+        "solver": solver, "mode": mode, "solver_repr": repr(SOLVERS[solver](k2)), "K": [k1, k2],
+        "ratio_per_iter": measure.stats(marginal),
+        "ratio_whole_call": measure.stats(whole),
+        "bare_f_s": measure.stats([r[0] for r in rows]),
+        "bare_f_eager_s": measure.stats([r[1] for r in rows]),
+        "ratio_per_iter_vs_eager_f": measure.stats([(t2 - t1) / (k2 - k1) / tfe for _, tfe, t1, t2 in rows]),
+        "solve_s": {f"K={k1}": measure.stats([r[2] for r in rows]), f"K={k2}": measure.stats([r[3] for r in rows])},
+        "compile_s": compile_s,
+        "info": wl.info_summary(info),
+        "load_average": [load_before, measure.load_average()],
+    })

@@ -1,0 +1,86 @@
+"""(2) Training step per grad mode at solver depth 10 / 30 / 100: time, saved bytes, peak memory.
+
+A training step is: zero grads, embed, ``fixed_point``, readout, cross-entropy,
+``backward()``, SGD step. Depth d means ``Anderson(m=6, max_iter=d, tol=0.0)``:
+exactly d forward iterations; IFT's adjoint solve uses the same solver (exactly
+d adjoint iterations); ``Neumann(5)``.
+
+Saved bytes: everything autograd saves for backward during the forward (embed,
+solve, readout, loss), through ``saved_tensors_hooks``, unique storages only;
+parameters saved by their layers count too. The reference is the same loss
+with one differentiable application of f at a detached state (what JFB needs
+in principle); the ratio to it is reported, with and without the parameters'
+storages (a saved reference to a parameter costs no memory: it is alive anyway).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deq_functional as dq
+import measure
+import workloads as wl
+
+DEPTHS = (10, 30, 100)
+MODES = {
+    "ift": lambda d: dq.IFT(solver=dq.Anderson(max_iter=d, tol=0.0, m=6)),
+    "jfb": lambda d: dq.JFB(),
+    "neumann": lambda d: dq.Neumann(5),
+    "unrolled": lambda d: dq.Unrolled(),
+}
+# timed rounds: every MLP config is cheap; conv steps cost seconds each
+ROUNDS = {("mlp", 10): 7, ("mlp", 30): 7, ("mlp", 100): 5, ("conv", 10): 2, ("conv", 30): 1, ("conv", 100): 1}
+
+
+def reference_saved_bytes(w) -> int:
+    params = w.clone_params()
+    with torch.no_grad():
+        x = w.embed(params, w.inp)
+        z = w.z_like(x)
+    loss_fn = wl.one_f_loss(w)
+    loss, nbytes, act, _ = measure.saved_bytes(lambda: loss_fn(params, z), exclude=wl.named_leaves(params).values())
+    loss.backward()
+    return nbytes, act
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("workload", ["mlp", "conv"])
+def bench_train_step(benchmark, make_workload, timer, device, workload, mode, depth):
+    w = make_workload(workload)
+    solver = dq.Anderson(max_iter=depth, tol=0.0, m=6)
+    grad_mode = MODES[mode](depth)
+    params = w.clone_params()
+    loss_fn = wl.ours_loss(w, solver, grad_mode)
+    step = wl.TrainStep(loss_fn, params)
+
+    # saved bytes: forward under the hooks, backward outside them
+    leaves = wl.named_leaves(params).values()
+    (loss, z, info), nbytes, act, n_saved = measure.saved_bytes(lambda: loss_fn(params), exclude=leaves)
+    loss.backward()
+    for p in leaves:
+        p.grad = None
+    ref, ref_act = reference_saved_bytes(w)
+
+    step()  # warm-up
+    peak = measure.PeakMemory(device)
+    peak_bytes = peak(step)
+
+    times = []
+    load_before = measure.load_average()
+    benchmark.group = "train_step"
+    benchmark.pedantic(lambda: times.append(timer(step)), rounds=ROUNDS[(workload, depth)],
+                       iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update({
+        "kind": "train_step", "workload": workload, "workload_source": w.source, "mode": mode,
+        "depth": depth, "solver_repr": repr(solver), "grad_mode_repr": repr(grad_mode),
+        "step_s": measure.stats(times),
+        "saved_bytes": nbytes, "saved_tensors": n_saved, "one_f_saved_bytes": ref,
+        "saved_ratio_to_one_f": nbytes / ref,
+        "saved_bytes_excl_params": act, "one_f_saved_bytes_excl_params": ref_act,
+        "saved_ratio_to_one_f_excl_params": act / ref_act,
+        "peak_bytes": peak_bytes, "peak_what": peak.what,
+        "info": wl.info_summary(step.last[1]),
+        "load_average": [load_before, measure.load_average()],
+    })

@@ -1,0 +1,170 @@
+"""Measurement helpers shared by the benchmarks: timers, saved bytes, peak memory.
+
+Everything here is deliberately small and explicit so that RESULTS.md can say
+exactly what each number means:
+
+- ``Timer``: wall time of one call. CPU: ``time.perf_counter``. CUDA: a pair of
+  CUDA events around the call, then ``torch.cuda.synchronize()``.
+- ``saved_bytes``: bytes that autograd saves for backward while ``fn`` runs,
+  counted through ``torch.autograd.graph.saved_tensors_hooks``; a storage saved
+  several times (or viewed by several saved tensors) counts once, keyed by
+  ``untyped_storage().data_ptr()``.
+- ``PeakMemory``: CPU: the kernel's peak-RSS counter (``VmHWM``), reset by
+  writing ``5`` to ``/proc/self/clear_refs`` before the call; the reported
+  number is the peak minus the RSS just before the call. CUDA:
+  ``torch.cuda.max_memory_allocated`` minus the allocation before the call.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+class Timer:
+    """Times one call of a function on ``device`` and returns seconds."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(self.device)
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def stats(samples: list[float]) -> dict:
+    """min / median / max / n of a list of samples (seconds or ratios)."""
+    s = sorted(samples)
+    return {"min": s[0], "median": statistics.median(s), "max": s[-1], "n": len(s)}
+
+
+def saved_bytes(fn: Callable[[], object], exclude=()):
+    """Run ``fn()`` under saved-tensor hooks; return (output, unique saved bytes, bytes not in ``exclude``, count).
+
+    ``exclude``: tensors (e.g. the parameters) whose storages are alive anyway, so
+    a saved reference to them costs no memory; the third value leaves them out.
+    The hooks do not copy anything: pack returns the tensor itself. Only the
+    forward (graph-building) part should run inside, so the backward's own
+    machinery (e.g. ``torch.func.vjp`` in an IFT backward) is not affected.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+    count = 0
+
+    def pack(t):
+        nonlocal count
+        count += 1
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values()), sum(v for k, v in seen.items() if k not in skip), count
+
+
+def _read_status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _can_reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        _read_status_kb("VmHWM")
+        return True
+    except OSError:
+        return False
+    except KeyError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory growth (bytes) during one call: RSS on CPU, allocator on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.available = self.cuda or _can_reset_hwm()
+        self.what = (
+            "torch.cuda.max_memory_allocated growth"
+            if self.cuda
+            else "peak RSS growth (VmHWM reset via /proc/self/clear_refs)"
+        )
+
+    def __call__(self, fn: Callable[[], object]) -> int | None:
+        if not self.available:
+            return None
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            fn()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - before
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        before = _read_status_kb("VmRSS")
+        fn()
+        return _read_status_kb("VmHWM") - before
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+class Alternating:
+    """A/B timing in one process: each round times both, order flipped every round.
+
+    ``round()`` is what pytest-benchmark times (one pair); the per-side samples and
+    the per-pair ratio A/B are kept here and reported through ``extra_info``.
+    """
+
+    def __init__(self, timer: Timer, a: Callable[[], object], b: Callable[[], object]):
+        self.timer, self.a, self.b = timer, a, b
+        self.ta: list[float] = []
+        self.tb: list[float] = []
+        self.n = 0
+
+    def round(self) -> None:
+        if self.n % 2 == 0:
+            ta = self.timer(self.a)
+            tb = self.timer(self.b)
+        else:
+            tb = self.timer(self.b)
+            ta = self.timer(self.a)
+        self.ta.append(ta)
+        self.tb.append(tb)
+        self.n += 1
+
+    def summary(self, a_name: str, b_name: str) -> dict:
+        ratios = [x / y for x, y in zip(self.ta, self.tb)]
+        return {
+            f"{a_name}_s": stats(self.ta),
+            f"{b_name}_s": stats(self.tb),
+            f"ratio_{a_name}_over_{b_name}": stats(ratios),
+            # ratio of the two minima: the least noise-sensitive estimate
+            f"ratio_of_min": min(self.ta) / min(self.tb),
+        }
