@@ -168,3 +168,23 @@ class Alternating:
             # ratio of the two minima: the least noise-sensitive estimate
             f"ratio_of_min": min(self.ta) / min(self.tb),
         }
+
+
+class Rotating:
+    """Like ``Alternating`` for N arms: each round times every arm once, starting one
+    arm later than the round before, so no arm always runs first or last."""
+
+    def __init__(self, timer: Timer, arms: dict):
+        self.timer, self.arms = timer, arms
+        self.samples: dict[str, list[float]] = {k: [] for k in arms}
+        self.n = 0
+
+    def round(self) -> None:
+        names = list(self.arms)
+        s = self.n % len(names)
+        for name in names[s:] + names[:s]:
+            self.samples[name].append(self.timer(self.arms[name]))
+        self.n += 1
+
+    def ratio(self, a: str, b: str) -> dict:
+        return stats([x / y for x, y in zip(self.samples[a], self.samples[b])])

@@ -16,7 +16,6 @@ a fixed batch (seeded) and its labels. "ours" and "torchdeq" get the *same*
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -167,11 +166,14 @@ def _from_models(mod, kind, gen):
     """params, f, embed, readout from deq_functional.models.<kind> (MNIST sizes)."""
     if kind == "mlp":
         params = mod.init(gen, in_features=MLP_IN, hidden=MLP_LATENT, num_classes=10, contraction=0.9)
+        note = "mlp.init(in_features=784, hidden=256, num_classes=10, contraction=0.9)"
     else:
-        sig = inspect.signature(mod.init).parameters
-        kwargs = {k: v for k, v in {"in_channels": 1, "image_size": 28, "num_classes": 10}.items() if k in sig}
-        params = mod.init(gen, **kwargs)
-    return params, mod.apply, mod.embed, mod.readout, f"deq_functional.models.{kind}"
+        params = mod.init(gen, in_shape=(1, 28, 28), num_classes=10)
+        with torch.no_grad():  # the paper's Lipschitz rescaling, as its training loop projects it
+            params, _ = mod.rescale(params, lipschitz=0.9, generator=gen)
+        params = tree_map(torch.Tensor.detach, params)
+        note = "conv.init(in_shape=(1, 28, 28)) + conv.rescale(lipschitz=0.9)"
+    return params, mod.apply, mod.embed, mod.readout, f"deq_functional.models.{kind}: {note}"
 
 
 WORKLOADS = {"mlp": make_mlp, "conv": make_conv}
