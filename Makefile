@@ -18,9 +18,10 @@ test: install
 demo: install
 	$(PY) examples/compare.py --out runs/demo
 
+# Benchmarks (bench/, never collected by `make test`). BENCH_ARGS="--device cuda" on a GPU.
 bench: install
 	$(PIP) install -q -e '.[test,bench]'
-	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/latest.json -q
+	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/latest.json -q $(BENCH_ARGS)
 	$(PY) bench/make_results.py bench/latest.json bench/RESULTS.md
 
 clean:

@@ -30,7 +30,7 @@ MODES = {
     "unrolled": lambda d: dq.Unrolled(),
 }
 # timed rounds: every MLP config is cheap; conv steps cost seconds each
-ROUNDS = {("mlp", 10): 7, ("mlp", 30): 7, ("mlp", 100): 5, ("conv", 10): 2, ("conv", 30): 1, ("conv", 100): 1}
+ROUNDS = {("mlp", 10): 7, ("mlp", 30): 7, ("mlp", 100): 5, ("conv", 10): 3, ("conv", 30): 2, ("conv", 100): 1}
 
 
 def reference_saved_bytes(w) -> int:

@@ -21,7 +21,7 @@ MAX_ITER, TOL, M = 30, 1e-6, 6
 # "same-tol": the configuration, each library stops on its own test.
 # "same-work": tol=0, both run exactly MAX_ITER iterations (library overhead only).
 CONFIGS = {"same-tol": TOL, "same-work": 0.0}
-ROUNDS = {"mlp": 15, "conv": 3}
+ROUNDS = {"mlp": 15, "conv": 7}
 # Agreement required before timing (relative 2-norm errors).
 Z_RTOL = {"jfb": 1e-3, "ift": 1e-3}
 GRAD_RTOL = {"jfb": 1e-2, "ift": 1e-2}
