@@ -1,7 +1,9 @@
 """(2) Training step per grad mode at solver depth 10 / 30 / 100: time, saved bytes, peak memory.
 
 A training step is: zero grads, embed, ``fixed_point``, readout, cross-entropy,
-``backward()``, SGD step. Depth d means ``Anderson(m=6, max_iter=d, tol=0.0)``:
+``backward()``, SGD step (lr=0: the update runs, the weights stay, see workloads.TrainStep).
+The largest parameter-gradient norm of the first step is recorded: every mode
+should agree at depth ≥ 30, where the solve has converged. Depth d means ``Anderson(m=6, max_iter=d, tol=0.0)``:
 exactly d forward iterations; IFT's adjoint solve uses the same solver (exactly
 d adjoint iterations); ``Neumann(5)``.
 
@@ -59,6 +61,7 @@ def bench_train_step(benchmark, make_workload, timer, device, workload, mode, de
     leaves = wl.named_leaves(params).values()
     (loss, z, info), nbytes, act, n_saved = measure.saved_bytes(lambda: loss_fn(params), exclude=leaves)
     loss.backward()
+    grad_norm = max(float(p.grad.norm()) for p in leaves if p.grad is not None)
     for p in leaves:
         p.grad = None
     ref, ref_act = reference_saved_bytes(w)
@@ -80,6 +83,7 @@ def bench_train_step(benchmark, make_workload, timer, device, workload, mode, de
         "saved_ratio_to_one_f": nbytes / ref,
         "saved_bytes_excl_params": act, "one_f_saved_bytes_excl_params": ref_act,
         "saved_ratio_to_one_f_excl_params": act / ref_act,
+        "grad_norm_max": grad_norm,
         "peak_bytes": peak_bytes, "peak_what": peak.what,
         "info": wl.info_summary(step.last[1]),
         "load_average": [load_before, measure.load_average()],

@@ -155,8 +155,8 @@ def section_train(rows):
         "Peak = " + (rs[0].get("peak_what") or "") + " over one step.",
         "",
         "| workload | mode | depth | step ms | saved MB | ÷ one f | saved MB excl. params | ÷ one f excl. params | "
-        "peak MB | nstep | rel residual |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak MB | max ‖grad‖ | nstep | rel residual |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     checks = []
     order = {"ift": 0, "jfb": 1, "neumann": 2, "unrolled": 3}
@@ -164,7 +164,7 @@ def section_train(rows):
         out.append(
             f"| {r['workload']} | {r['mode']} | {r['depth']} | {mmed(r['step_s'], 1e3, '{:.1f}')} | "
             f"{mb(r['saved_bytes'])} | {r['saved_ratio_to_one_f']:.2f} | {mb(r['saved_bytes_excl_params'])} | "
-            f"{r['saved_ratio_to_one_f_excl_params']:.2f} | {mb(r['peak_bytes'])} | "
+            f"{r['saved_ratio_to_one_f_excl_params']:.2f} | {mb(r['peak_bytes'])} | {r.get('grad_norm_max', 0):.3g} | "
             f"{nstep(r['info'])} | {resid(r['info'])} |"
         )
     groups = {}

@@ -246,9 +246,16 @@ def one_f_loss(w: Workload) -> Callable:
 
 
 class TrainStep:
-    """zero_grad; loss = loss_fn(params); loss.backward(); SGD step. Returns the info."""
+    """zero_grad; loss = loss_fn(params); loss.backward(); SGD step. Returns the info.
 
-    def __init__(self, loss_fn: Callable, params: dict, lr: float = 1e-3):
+    ``lr=0.0`` by default: the step is timed, not the learning. The SGD update still
+    runs (``param.add_(grad, alpha=-lr)``), but every round solves the same problem,
+    so rounds (and the two sides of an A/B pair) stay comparable, and a mode whose
+    gradient is wrong (e.g. ``Unrolled`` through 100 Anderson iterations, see
+    RESULTS.md) cannot wreck the weights for the rounds after it.
+    """
+
+    def __init__(self, loss_fn: Callable, params: Any, lr: float = 0.0):
         self.loss_fn, self.params = loss_fn, params
         self.opt = torch.optim.SGD(tree_leaves(params), lr=lr)
         self.last = None
