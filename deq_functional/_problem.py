@@ -45,6 +45,7 @@ class Problem:
         self.param_leaves, self.param_spec = flatten(params)
         self.x_leaves, self.x_spec = flatten(x)
         self.z_spec: TreeSpec | None = None
+        self.z_spec_size = 0  # number of leaves of z, a Python int (static under compile)
 
     # -- the maps -----------------------------------------------------------------
     def call(self, param_leaves: list, z: Any, x_leaves: list) -> Any:
@@ -79,7 +80,7 @@ class Problem:
         """Raise ``ValueError`` unless ``out = f(params, z, x)`` matches ``z`` in structure, shape, dtype."""
         out_leaves, out_spec = flatten(out)
         z_leaves, z_spec = flatten(z)
-        self.z_spec = z_spec
+        self.z_spec, self.z_spec_size = z_spec, len(z_leaves)
         shapes_ok = out_spec == z_spec and all(
             isinstance(o, torch.Tensor) and o.shape == t.shape for o, t in zip(out_leaves, z_leaves)
         )

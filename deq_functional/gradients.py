@@ -36,7 +36,7 @@ from .solvers._base import check_int, check_real
 class _AdjointFn(torch.autograd.Function):
     """Identity on ``z_out = f(params, z_K, x)`` whose backward maps ḡ to the mode's adjoint ``u``.
 
-    ``forward(mode, problem, n_out, *z_out, *z_K, *params, *x)``: every tensor is an
+    ``forward(mode, problem, *z_out, *z_K, *params, *x)``: every tensor is an
     input (the torch.func rule), ctx-free, with ``setup_context`` and a generated vmap
     rule. The gradient then reaches params and x through ``z_out``'s own graph:
     ``(∂f/∂θ)ᵀ u`` — the IFT gradient when ``u = (I − Jᵀ)⁻¹ ḡ``.
@@ -45,14 +45,14 @@ class _AdjointFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(mode, problem, n_out, *tensors):
-        return tuple(t.view_as(t) for t in tensors[:n_out])
+    def forward(mode, problem, *tensors):
+        return tuple(t.view_as(t) for t in tensors[: problem.z_spec_size])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        mode, problem, n_out, *tensors = inputs
+        mode, problem, *tensors = inputs
         ctx.mode, ctx.problem = mode, problem
-        ctx.save_for_backward(*tensors[n_out:])
+        ctx.save_for_backward(*tensors[problem.z_spec_size :])
 
     @staticmethod
     def backward(ctx, *grads):
@@ -66,15 +66,19 @@ class _AdjointFn(torch.autograd.Function):
         x_leaves = [t.detach() for t in x_leaves]
         jt = vjp_in_z(lambda z: problem.call(p_leaves, z, x_leaves), z_K)
         u = ctx.mode.adjoint(jt, gbar, problem)
-        return (None, None, None, *flatten(u)[0], *([None] * len(saved)))
+        return (None, None, *flatten(u)[0], *([None] * len(saved)))
 
 
 def _with_adjoint(mode, problem: Problem, loop: LoopResult) -> Any:
     """``z_out = f(params, z_K, x)`` routed through ``_AdjointFn`` so backward uses ``mode.adjoint``."""
     z_out = problem.map(detached=False)(loop.z)
     out_leaves = flatten(z_out)[0]
+    if not any(t.requires_grad for t in out_leaves):
+        # Nothing to differentiate: the Function is the identity. (Also sidesteps a Dynamo
+        # bug in torch 2.14 that passes a ctx to a setup_context-style forward in this case.)
+        return z_out
     tensors = (*out_leaves, *flatten(loop.z)[0], *problem.param_leaves, *problem.x_leaves)
-    return unflatten(problem.z_spec, list(_AdjointFn.apply(mode, problem, len(out_leaves), *tensors)))
+    return unflatten(problem.z_spec, list(_AdjointFn.apply(mode, problem, *tensors)))
 
 
 def _add(a: Any, b: Any) -> Any:
