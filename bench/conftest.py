@@ -12,9 +12,14 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 
-import pytest
-import torch
+# Cold compiles: a fresh inductor cache per session, so "compile s" is never a cache hit
+# from an earlier run (must be set before inductor is first used).
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="deq_bench_inductor_")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import measure
 import workloads
@@ -74,6 +79,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "threads": torch.get_num_threads(),
         "flush_denormal": True,
+        "inductor_cache": "fresh per session (cold compiles)",
         "git_commit": _git("rev-parse", "--short", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--", "..")),
         "load_average_start": measure.load_average(),
