@@ -90,3 +90,27 @@ def test_whole_train_step_with_autograd_grad_inside(monkeypatch):
     torch.testing.assert_close(Wc, We, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.stack(Wc_loss), torch.stack(We_loss), rtol=1e-5, atol=1e-6)
     assert We_loss[1] < We_loss[0]
+
+
+def test_tuple_state_compiles_and_non_finite_is_flagged_in_info():
+    torch._dynamo.reset()
+    W, x, _ = _problem()
+
+    def two_scale(p, z, x):
+        a, b = z
+        return torch.tanh(a @ p["W"].T + x + b.repeat_interleave(2, dim=1)), 0.5 * (a[:, ::2] + a[:, 1::2]) * p["s"]
+
+    def run(s):
+        z0 = (torch.zeros(B, N), torch.zeros(B, N // 2))
+        z, info = dq.fixed_point(two_scale, {"W": W, "s": s}, x, z0=z0, solver=dq.Anderson(max_iter=8, tol=1e-4), grad_mode="ift")
+        return z, info
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    zc, ic = compiled(torch.tensor(0.3))
+    ze, ie = run(torch.tensor(0.3))
+    for a, b in zip(zc, ze):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _, bad = compiled(torch.tensor(float("nan")))  # no exception can be raised inside the graph
+    assert not bool(bad.converged) and not bool(torch.isfinite(bad.residual))
+    with pytest.raises(dq.FixedPointError, match="non-finite"):
+        run(torch.tensor(float("nan")))  # eager raises
