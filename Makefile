@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --doctest-modules deq_functional tests
 
 demo: install
 	$(PY) examples/compare.py --out runs/demo
