@@ -76,8 +76,8 @@ def test_tuple_state_trains():
     z0 = tuple(torch.zeros_like(t) for t in target)
     opt = torch.optim.Adam(p.values(), lr=0.05)
     losses = []
-    for _ in range(40):
-        z, _ = dq.fixed_point(tuple_f, p, x, z0=z0, solver=dq.Anderson(max_iter=60, tol=1e-10))
+    for _ in range(30):
+        z, _ = dq.fixed_point(tuple_f, p, x, z0=z0, solver=dq.Anderson(max_iter=40, tol=1e-7))
         loss = sum(((a - b) ** 2).mean() for a, b in zip(z, target))
         opt.zero_grad()
         loss.backward()
