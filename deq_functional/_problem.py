@@ -9,7 +9,7 @@ import torch
 
 from ._info import FixedPointError
 from ._loop import values_readable
-from ._tree import TreeSpec, describe, dtype_name, flatten, unflatten
+from ._tree import TreeSpec, describe, dtype_name, flatten, same_layout, unflatten
 
 ON_NONCONVERGENCE = ("ignore", "warn", "raise")
 
@@ -78,13 +78,9 @@ class Problem:
     # -- validation ----------------------------------------------------------------
     def check_output(self, out: Any, z: Any, z0_given: bool, x: Any) -> None:
         """Raise ``ValueError`` unless ``out = f(params, z, x)`` matches ``z`` in structure, shape, dtype."""
-        out_leaves, out_spec = flatten(out)
-        z_leaves, z_spec = flatten(z)
-        self.z_spec, self.z_spec_size = z_spec, len(z_leaves)
-        shapes_ok = out_spec == z_spec and all(
-            isinstance(o, torch.Tensor) and o.shape == t.shape for o, t in zip(out_leaves, z_leaves)
-        )
-        if not shapes_ok:
+        z_leaves, self.z_spec = flatten(z)
+        self.z_spec_size = len(z_leaves)
+        if not same_layout(out, z):
             if not z0_given:
                 raise ValueError(
                     "fixed_point: z0 is None, so z starts as zeros shaped like x, "
@@ -95,7 +91,7 @@ class Problem:
                 "fixed_point: f(params, z, x) must return the structure and shapes of z; "
                 f"got {describe(out)} for z = {describe(z)}"
             )
-        for o, t in zip(out_leaves, z_leaves):
+        for o, t in zip(flatten(out)[0], z_leaves):
             if o.dtype != t.dtype and o.dtype not in _autocast_dtypes(t.device.type):
                 raise ValueError(
                     f"fixed_point: f(params, z, x) returned dtype {dtype_name(o.dtype)} where z has "

@@ -103,3 +103,12 @@ def describe(tree: Any) -> str:
     if isinstance(tree, tuple):
         return "(" + ", ".join(describe(c) for c in tree) + ("," if len(tree) == 1 else "") + ")"
     return type(tree).__name__
+
+
+def same_layout(out: Any, like: Any) -> bool:
+    """True when ``out`` has the structure of ``like`` with tensor leaves of the same shapes."""
+    out_leaves, out_spec = flatten(out)
+    like_leaves, like_spec = flatten(like)
+    return out_spec == like_spec and all(
+        isinstance(o, torch.Tensor) and o.shape == t.shape for o, t in zip(out_leaves, like_leaves)
+    )

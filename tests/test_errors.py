@@ -142,3 +142,8 @@ def test_integer_state_is_refused():
     f = lambda p, z, x: z  # noqa: E731
     with pytest.raises(ValueError, match="floating point"):
         dq.fixed_point(f, {}, torch.ones(3, dtype=torch.long))
+
+
+def test_standalone_solver_checks_the_map_output():
+    with pytest.raises(ValueError, match=r"Anderson: g\(z\) must return .*shape=\(4,\).*shape=\(3,\)"):
+        dq.Anderson()(lambda z: torch.cat([z, z[:1]]), torch.zeros(3))

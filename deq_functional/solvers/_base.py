@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .._loop import iterate
+from .._tree import describe, same_layout
 
 
 def check_int(owner: str, name: str, value: Any, low: int) -> None:
@@ -54,7 +55,13 @@ class Solver:
         iterate ``z_K`` (see ``Info``). No gradient mode is attached: call it under
         ``torch.no_grad()`` unless you mean to backpropagate through the iterations.
         """
-        out = iterate(self, g, z0, g(z0), per_sample=per_sample, trace=trace)
+        gz0 = g(z0)
+        if not same_layout(gz0, z0):
+            raise ValueError(
+                f"{type(self).__name__}: g(z) must return the structure and shapes of z; "
+                f"got {describe(gz0)} for z0 = {describe(z0)}"
+            )
+        out = iterate(self, g, z0, gz0, per_sample=per_sample, trace=trace)
         return out.gz, out.info
 
     # Solver protocol on (B, D) matrices, implemented by subclasses.
