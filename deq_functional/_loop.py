@@ -16,6 +16,7 @@ Two regimes, chosen automatically:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -40,6 +41,27 @@ def residuals(z: torch.Tensor, gz: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     res = torch.linalg.vector_norm(gz - z, dim=1)
     tiny = torch.finfo(res.dtype).tiny
     return res, res / (torch.linalg.vector_norm(gz, dim=1) + tiny)
+
+
+def _check_finite(res: torch.Tensor, name: str, step: int) -> None:
+    if not bool(torch.isfinite(res).all()):
+        raise FixedPointError(
+            f"{name}: non-finite iterate at step {step}: residual {res.tolist()}. "
+            "Try damping (Picard(damping<1), Anderson(beta<1)), a smaller step in f, "
+            "or rescaling the weights so f is contractive."
+        )
+
+
+def _all_done(res, rel, active, masked: bool, tol: float, name: str, step: int) -> bool:
+    """Eager-only stopping test (one host sync); raises on a non-finite residual."""
+    if masked:
+        done, finite = torch.stack([~active.any(), torch.isfinite(res).all()]).tolist()
+    else:  # one problem: read its residuals directly
+        res_v, rel_v = torch.cat([res, rel]).tolist()
+        done, finite = tol > 0 and rel_v <= tol, math.isfinite(res_v)
+    if not finite:
+        _check_finite(res, name, step)
+    return done
 
 
 class LoopResult(NamedTuple):
@@ -80,23 +102,20 @@ def iterate(
     best = (z, gz, res, nstep.clone()) if solver.return_best else None
     state = solver.init(z, gz)
 
+    steps = 0  # iterations run (all problems), for the unmasked eager path
     for k in range(solver.max_iter):
-        if readable:
-            all_done, finite = torch.stack([~active.any(), torch.isfinite(res).all()]).tolist()
-            if not finite:
-                raise FixedPointError(
-                    f"{name}: non-finite iterate at step {k}: residual {res.tolist()}. "
-                    "Try damping (Picard(damping<1), Anderson(beta<1)), a smaller step in f, "
-                    "or rescaling the weights so f is contractive."
-                )
-            if all_done:
-                break
+        if readable and _all_done(res, rel, active, masked, tol, name, k):
+            break
         z_next, state = solver.step(state, z, gz, k)
-        z = torch.where(active[:, None], z_next, z) if masked else z_next
+        if masked:  # freeze converged problems; count iterations per problem
+            z = torch.where(active[:, None], z_next, z)
+            nstep = nstep + active.long()
+        else:
+            z = z_next
+        steps += 1
         gz = view.to_flat(g(view.from_flat(z)))
-        nstep = nstep + active.long()
         res, rel = residuals(z, gz)
-        if tol > 0:
+        if masked and tol > 0:
             active = active & (rel > tol)
         if trace:
             history.append(res)
@@ -108,14 +127,13 @@ def iterate(
                 torch.where(better[:, None], z, best[0]),
                 torch.where(better[:, None], gz, best[1]),
                 torch.where(better, res, best[2]),
-                torch.where(better, nstep, best[3]),
+                torch.where(better, nstep if masked else steps, best[3]),
             )
 
-    if readable and not bool(torch.isfinite(res).all()):
-        raise FixedPointError(
-            f"{name}: non-finite iterate at step {int(nstep.max())}: residual {res.tolist()}. "
-            "Try damping or rescaling the weights so f is contractive."
-        )
+    if not masked:
+        nstep = torch.full((batch,), steps, dtype=torch.long, device=z.device)
+    if readable:
+        _check_finite(res, name, int(nstep.max()))
     extra = {}
     if trace:
         extra["trace"] = _squeeze(torch.stack(history), per_sample)

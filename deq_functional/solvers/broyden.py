@@ -5,22 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import einsum
 
 from ._base import Solver, check_int
 
 
-def apply_inverse(us: tuple, vs: tuple, w: torch.Tensor) -> torch.Tensor:
-    """``Ĵ⁻¹ w = −w + Σᵢ uᵢ (vᵢ · w)`` for ``(B, D)`` vectors."""
-    if not us:
+def apply_inverse(us: torch.Tensor | None, vs: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
+    """``Ĵ⁻¹ w = −w + Σᵢ uᵢ (vᵢ · w)`` for ``w (B, D)`` with stacked pairs ``us, vs (B, n, D)``."""
+    if us is None:
         return -w
-    U, V = torch.stack(us, dim=1), torch.stack(vs, dim=1)
-    return -w + einsum(U, einsum(V, w, "b n d, b d -> b n"), "b n d, b n -> b d")
+    coef = vs @ w[:, :, None]  # (B, n, 1)
+    return (coef.transpose(1, 2) @ us)[:, 0] - w
 
 
-def apply_inverse_transposed(us: tuple, vs: tuple, w: torch.Tensor) -> torch.Tensor:
+def apply_inverse_transposed(us: torch.Tensor | None, vs: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
     """``Ĵ⁻ᵀ w = −w + Σᵢ vᵢ (uᵢ · w)`` for ``(B, D)`` vectors."""
     return apply_inverse(vs, us, w)
+
+
+def _append(stack: torch.Tensor | None, item: torch.Tensor) -> torch.Tensor:
+    return item[:, None] if stack is None else torch.cat([stack, item[:, None]], dim=1)
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class Broyden(Solver):
         check_int("Broyden", "memory", self.memory, 1)
 
     def init(self, z, gz):
-        return (), (), None, None
+        return None, None, None, None  # us (B,n,D), vs (B,n,D), previous z and F
 
     def step(self, state, z, gz, k):
         us, vs, z_prev, F_prev = state
@@ -71,7 +74,7 @@ class Broyden(Solver):
                 torch.linalg.vector_norm(v, dim=1, keepdim=True) * torch.linalg.vector_norm(dF, dim=1, keepdim=True)
             )
             u = torch.where(safe, (dz - apply_inverse(us, vs, dF)) / torch.where(safe, den, torch.ones_like(den)), 0.0)
-            if len(us) == self.memory:  # memory full: restart from Ĵ⁻¹ = −I
-                us, vs = (), ()
-            us, vs = us + (u,), vs + (v,)
+            if us is not None and us.shape[1] == self.memory:  # memory full: restart from Ĵ⁻¹ = −I
+                us, vs = None, None
+            us, vs = _append(us, u), _append(vs, v)
         return z - apply_inverse(us, vs, F), (us, vs, z, F)
