@@ -34,7 +34,33 @@ def pytest_addoption(parser):
     group.addoption("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
 
 
+def _source_digest() -> str:
+    """sha256 (12 hex) of the library's .py files as imported by this session."""
+    import hashlib
+
+    import deq_functional
+
+    root = os.path.dirname(deq_functional.__file__)
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(dirpath, name), "rb") as fh:
+                    h.update(name.encode() + fh.read())
+    return h.hexdigest()[:12]
+
+
+_PROVENANCE: dict = {}
+
+
 def pytest_configure(config):
+    # Provenance as of the start of the session, i.e. of the code this run imports.
+    _PROVENANCE.update(
+        git_commit=_git("rev-parse", "--short", "HEAD"),
+        library_uncommitted=bool(_git("status", "--porcelain", "--", "../deq_functional")),
+        bench_uncommitted=bool(_git("status", "--porcelain", "--", ".")),
+        library_sha256=_source_digest(),
+    )
     device = config.getoption("--device")
     if device == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda: torch.cuda.is_available() is False on this machine; "
@@ -80,8 +106,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "threads": torch.get_num_threads(),
         "flush_denormal": True,
         "inductor_cache": "fresh per session (cold compiles)",
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--", "..")),
+        **_PROVENANCE,
         "load_average_start": measure.load_average(),
         "command": "make bench  (= python -m pytest " + " ".join(config.invocation_params.args) + ")",
     }

@@ -90,7 +90,10 @@ def header(data):
         f"| denormals | `torch.set_flush_denormal(True)`, set by the benchmark (the library never changes global flags) |",
         f"| load average (1/5/15 min) | start {db.get('load_average_start')}, end {db.get('load_average_end')} "
         "(shared machine: other jobs were running) |",
-        f"| git | {db.get('git_commit', '?')}{' (working tree dirty)' if db.get('git_dirty') else ''} |",
+        f"| code | git {db.get('git_commit', '?')} at the start of the run"
+        f"{'; deq_functional had uncommitted changes' if db.get('library_uncommitted') else ''}"
+        f"{'; bench/ had uncommitted changes' if db.get('bench_uncommitted') else ''}; "
+        f"sha256 of deq_functional/*.py as imported: `{db.get('library_sha256', '?')}` |",
         "",
         "Timings are wall clock of one call (CPU: `time.perf_counter`; CUDA: CUDA events + synchronize), "
         "after warm-up (compilation included). Each cell shows **min / median** over rounds. "
