@@ -57,8 +57,8 @@ def pytest_configure(config):
     # Provenance as of the start of the session, i.e. of the code this run imports.
     _PROVENANCE.update(
         git_commit=_git("rev-parse", "--short", "HEAD"),
-        library_uncommitted=bool(_git("status", "--porcelain", "--", "../deq_functional")),
-        bench_uncommitted=bool(_git("status", "--porcelain", "--", ".")),
+        library_uncommitted=bool(_git("status", "--porcelain", "--untracked-files=no", "--", "../deq_functional")),
+        bench_uncommitted=bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".")),
         library_sha256=_source_digest(),
     )
     device = config.getoption("--device")
