@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data as datasets  # noqa: E402
+from distributed import all_reduce_grads, init_ddp  # noqa: E402
 
 import deq_functional as dq  # noqa: E402
 from deq_functional.models import MODELS, count_params, predict  # noqa: E402
@@ -167,29 +168,6 @@ def make_solver(config: Config):
 
 def make_grad_mode(config: Config):
     return {"jfb": dq.JFB(), "ift": dq.IFT(), "neumann": dq.Neumann(config.neumann_k), "unrolled": dq.Unrolled()}[config.grad_mode]
-
-
-# ----------------------------------------------------------------------------- distributed
-def init_ddp(config: Config) -> tuple[int, int, torch.device]:
-    """Join the torchrun process group; ``(rank, world_size, device)``."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise SystemExit("--ddp needs torchrun, e.g. torchrun --standalone --nproc_per_node 2 examples/train.py --ddp ...")
-    cuda = config.device.startswith("cuda")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if cuda else torch.device(config.device)
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def all_reduce_grads(leaves: list[torch.Tensor], world: int) -> None:
-    """Average ``.grad`` of every leaf across ranks with one all-reduce of the flattened gradients."""
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in leaves]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    for p, chunk in zip(leaves, flat.split([g.numel() for g in grads])):
-        p.grad = chunk.view_as(p)
 
 
 # ----------------------------------------------------------------------------- training
