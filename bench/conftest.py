@@ -60,6 +60,7 @@ def pytest_configure(config):
         library_uncommitted=bool(_git("status", "--porcelain", "--untracked-files=no", "--", "../deq_functional")),
         bench_uncommitted=bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".")),
         library_sha256=_source_digest(),
+        load_average_start=measure.load_average(),
     )
     device = config.getoption("--device")
     if device == "cuda" and not torch.cuda.is_available():
@@ -107,7 +108,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "flush_denormal": True,
         "inductor_cache": "fresh per session (cold compiles)",
         **_PROVENANCE,
-        "load_average_start": measure.load_average(),
         "command": "make bench  (= python -m pytest " + " ".join(config.invocation_params.args) + ")",
     }
 

@@ -68,8 +68,15 @@ def load(bench_json):
     return data, rows
 
 
+def load_range(data):
+    """min / max of the 1-minute load average sampled before and after each benchmark."""
+    ones = [pair[0] for b in data["benchmarks"] for pair in (b["extra_info"].get("load_average") or []) if pair]
+    return (min(ones), max(ones)) if ones else None
+
+
 def header(data):
     mi = data["machine_info"]
+    lr = load_range(data)
     db = mi.get("deq_bench", {})
     dt = data.get("datetime", "")
     lines = [
@@ -88,8 +95,9 @@ def header(data):
         f"| torch / torchdeq / python | {db.get('torch', '?')} / {db.get('torchdeq', '?')} / {db.get('python', '?')} |",
         f"| threads | `torch.set_num_threads({db.get('threads', '?')})`, set by bench/conftest.py |",
         f"| denormals | `torch.set_flush_denormal(True)`, set by the benchmark (the library never changes global flags) |",
-        f"| load average (1/5/15 min) | start {db.get('load_average_start')}, end {db.get('load_average_end')} "
-        "(shared machine: other jobs were running) |",
+        f"| load average | 1-min load {lr[0]:.1f} – {lr[1]:.1f} (sampled before and after each benchmark; "
+        f"2 cores, shared: other jobs were running); 1/5/15-min at the end {db.get('load_average_end')} |"
+        if lr else f"| load average | end {db.get('load_average_end')} |",
         f"| code | git {db.get('git_commit', '?')} at the start of the run"
         f"{'; deq_functional had uncommitted changes' if db.get('library_uncommitted') else ''}"
         f"{'; bench/ had uncommitted changes' if db.get('bench_uncommitted') else ''}; "
