@@ -31,31 +31,17 @@ def mixing_coefficients(gram: torch.Tensor, lam: float) -> torch.Tensor:
 def extrapolate(alpha: torch.Tensor, iterates: torch.Tensor, residuals: torch.Tensor, beta: float) -> torch.Tensor:
     """``z_next = Σᵢ αᵢ zᵢ + β Σᵢ αᵢ rᵢ = (1 − β) Σ αᵢ zᵢ + β Σ αᵢ g(zᵢ)``; shapes ``(B,n)``, ``(B,n,D)``."""
     a = alpha[:, None, :]
-    return (a @ (iterates + beta * residuals) if beta != 1.0 else a @ (iterates + residuals))[:, 0]
+    return (a @ iterates)[:, 0] + beta * (a @ residuals)[:, 0]
 
 
-def push(history: torch.Tensor | None, item: torch.Tensor, m: int) -> torch.Tensor:
-    """Append ``item (B, D)`` to ``history (B, n, D)``, dropping the oldest beyond ``m``.
-
-    Functional (one copy of the kept history), so it works under autograd, vmap and compile.
-    """
-    item = item[:, None]
-    if history is None:
-        return item
-    return torch.cat([history[:, 1:] if history.shape[1] == m else history, item], dim=1)
-
-
-def push_gram(gram: torch.Tensor | None, residuals: torch.Tensor, m_full: bool) -> torch.Tensor:
-    """Gram matrix of ``residuals (B, n, D)`` after a push, updated with one new row: ``O(B n D)``.
-
-    ``gram`` is the previous ``(B, n', n')`` matrix; ``m_full`` says the push dropped the oldest entry.
-    """
-    row = (residuals @ residuals[:, -1, :, None])[..., 0]  # (B, n): rᵢ · r_new
-    if gram is None:
-        return row[:, :, None]
-    if m_full:
-        gram = gram[:, 1:, 1:]
-    return torch.cat([torch.cat([gram, row[:, :-1, None]], dim=2), row[:, None, :]], dim=1)
+def write_slot(buffer: torch.Tensor, slot: int, item: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``buffer[:, slot] = item`` for a ``(B, m, ...)`` ring buffer: in place when no graph is
+    being built, else out of place (``index_copy``) so autograd through the iterations works."""
+    if inplace:
+        buffer[:, slot] = item
+        return buffer
+    index = torch.tensor([slot], device=buffer.device)
+    return buffer.index_copy(1, index, item[:, None])
 
 
 @dataclass(frozen=True)
@@ -96,16 +82,27 @@ class Anderson(Solver):
         check_real("Anderson", "lam", self.lam, 0.0, float("inf"), open_low=False)
 
     def init(self, z, gz):
-        return None, None, None  # iterates (B,n,D), residuals (B,n,D), Gram (B,n,n)
+        """Ring buffers of iterates and residuals ``(B, m, D)`` and their Gram matrix ``(B, m, m)``."""
+        zeros = torch.zeros_like(z)[:, None].repeat(1, self.m, 1)  # batched like z under vmap
+        return zeros, zeros.clone(), torch.zeros_like(zeros[:, :, :1]).repeat(1, 1, self.m)
 
     def step(self, state, z, gz, k):
         iterates, residuals, gram = state
-        full = iterates is not None and iterates.shape[1] == self.m
+        building_graph = torch.is_grad_enabled() and (z.requires_grad or gz.requires_grad)
+        slot, n = k % self.m, min(k + 1, self.m)  # slots 0..n-1 hold the history
         r = gz - z
-        iterates, residuals = push(iterates, z, self.m), push(residuals, r, self.m)
-        gram = push_gram(gram, residuals, full)
-        if iterates.shape[1] == 1:
-            z_next = z + self.beta * r
-        else:
-            z_next = extrapolate(mixing_coefficients(gram, self.lam), iterates, residuals, self.beta)
+        iterates = write_slot(iterates, slot, z, not building_graph)
+        residuals = write_slot(residuals, slot, r, not building_graph)
+        row = (residuals @ r[:, :, None])[..., 0]  # (B, m): rᵢ · r, one new Gram row: O(B m D)
+        gram = write_slot(gram, slot, row, not building_graph)
+        gram = write_slot(gram.transpose(1, 2), slot, row, not building_graph).transpose(1, 2)
+        if n == 1:
+            return z + self.beta * r, (iterates, residuals, gram)
+        alpha = mixing_coefficients(gram[:, :n, :n], self.lam)
+        if building_graph:
+            # Unrolled: differentiate through the iterates, not through α. dα/dθ multiplies
+            # residuals that vanish at convergence, but the ill-conditioned Gram solve makes
+            # that product blow up numerically (seen: a 1e3× gradient after 100 iterations).
+            alpha = alpha.detach()
+        z_next = extrapolate(alpha, iterates[:, :n], residuals[:, :n], self.beta)
         return z_next, (iterates, residuals, gram)
