@@ -49,14 +49,19 @@ class Problem:
 
     # -- the maps -----------------------------------------------------------------
     def call(self, param_leaves: list, z: Any, x_leaves: list) -> Any:
-        """``f(params, z, x)`` with each output leaf cast to the dtype of the matching z leaf
-        (a no-op except under autocast, where f may return the autocast dtype)."""
+        """``f(params, z, x)`` from flat leaves, output cast like z (see :meth:`match_dtypes`)."""
         out = self.f(unflatten(self.param_spec, param_leaves), z, unflatten(self.x_spec, x_leaves))
+        return self.match_dtypes(out, z)
+
+    def match_dtypes(self, out: Any, z: Any) -> Any:
+        """Cast each leaf of ``out`` to the dtype of the matching z leaf: a no-op except under
+        autocast, where f may return the autocast dtype. A single tensor takes a fast path."""
+        if isinstance(out, torch.Tensor) and isinstance(z, torch.Tensor) and self.z_spec_size == 1:
+            return out if out.dtype == z.dtype else out.to(z.dtype)
         out_leaves, spec = flatten(out)
         if spec != self.z_spec:  # only after check_output: f changed its output between calls
             raise ValueError(f"fixed_point: f returned {describe(out)} on a later call; the structure must not change")
-        z_leaves = flatten(z)[0]
-        return unflatten(spec, [o.to(t.dtype) for o, t in zip(out_leaves, z_leaves)])
+        return unflatten(spec, [o.to(t.dtype) for o, t in zip(out_leaves, flatten(z)[0])])
 
     def leaves(self, detached: bool) -> tuple[list, list]:
         """Param and x leaves, detached (forward solve: no graph) or as given (gradient path)."""
@@ -73,7 +78,8 @@ class Problem:
         """``z ↦ f(params, z, x)``; ``detached=True`` detaches params and x (the forward
         solve builds no graph), ``False`` tracks gradients to them."""
         p, x = self.leaves(detached)
-        return lambda z: self.call(p, z, x)
+        params, inputs = unflatten(self.param_spec, p), unflatten(self.x_spec, x)
+        return lambda z: self.match_dtypes(self.f(params, z, inputs), z)
 
     # -- validation ----------------------------------------------------------------
     def check_output(self, out: Any, z: Any, z0_given: bool, x: Any) -> None:
