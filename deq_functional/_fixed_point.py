@@ -110,7 +110,6 @@ def fixed_point(
         loop = iterate(
             solver, problem.map(detached=not unrolled), z0, gz0,
             per_sample=per_sample, trace=trace, keep_states=return_trajectory > 0,
-            skip_when_converged=not unrolled,
         )
     problem.report(loop.info, "the forward solve", solver)
     info = loop.info

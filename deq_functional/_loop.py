@@ -64,16 +64,6 @@ def _all_done(res, rel, active, masked: bool, tol: float, name: str, step: int) 
     return done
 
 
-def _evaluate(g, view: FlatView, z: torch.Tensor, gz: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
-    """``g(z)`` on ``(B, D)`` matrices; with ``active`` given (compiled, no autograd), a
-    ``torch.cond`` keeps the previous ``gz`` instead of calling g when no problem is active
-    (a frozen z gives the same g(z)), so a compiled solve stops paying for f once converged."""
-    call = lambda z: view.to_flat(g(view.from_flat(z)))  # noqa: E731
-    if active is None:
-        return call(z)
-    return torch.cond(active.any(), call, lambda z: gz.clone(), (z,))
-
-
 class LoopResult(NamedTuple):
     z: Any  # z_K, the last (or best) iterate, as a pytree
     gz: Any  # g(z_K)
@@ -91,12 +81,9 @@ def iterate(
     per_sample: bool,
     trace: bool = False,
     keep_states: bool = False,
-    skip_when_converged: bool = False,
 ) -> LoopResult:
     """Run ``solver`` on ``z = g(z)`` from ``z0`` (with ``gz0 = g(z0)`` already evaluated).
 
-    ``skip_when_converged``: under ``torch.compile``, once every problem has converged,
-    skip the g call with ``torch.cond`` (for a forward solve that builds no graph).
     Cost: ``K`` calls of ``g`` plus the solver's own work, ``K ≤ solver.max_iter``.
     """
     view = FlatView(z0, per_sample)
@@ -115,9 +102,6 @@ def iterate(
     best = (z, gz, res, nstep.clone()) if solver.return_best else None
     state = solver.init(z, gz)
 
-    # traced without autograd: once every problem has converged, torch.cond skips the f call
-    skip_converged = skip_when_converged and masked and tol > 0 and torch.compiler.is_compiling()
-    skip_converged = skip_converged and hasattr(torch, "cond")  # prototype API: skip where absent
     steps = 0  # iterations run (all problems), for the unmasked eager path
     for k in range(solver.max_iter):
         if readable and _all_done(res, rel, active, masked, tol, name, k):
@@ -129,7 +113,7 @@ def iterate(
         else:
             z = z_next
         steps += 1
-        gz = _evaluate(g, view, z, gz, active if skip_converged else None)
+        gz = view.to_flat(g(view.from_flat(z)))
         res, rel = residuals(z, gz)
         if masked and tol > 0:
             active = active & (rel > tol)
