@@ -3,10 +3,8 @@
 - ``mlp``: an MLP DEQ, latent 256, batch 128 (inputs 784 = flattened 28×28).
 - ``conv``: the JFB paper's MNIST convolutional implicit network, batch 64, 28×28×1.
 
-Both use the reference models in ``deq_functional.models`` when they are
-installed (``init(generator, ...) -> params``, ``apply(params, z, x)``, plus
-``embed`` / ``readout``); the fallbacks below are only for running the harness
-before the models land and are reported as such in ``extra_info``.
+Both use the reference models in ``deq_functional.models``
+(``init(generator, ...) -> params``, ``apply(params, z, x)``, plus ``embed`` / ``readout``).
 
 A workload is a params dict (leaf tensors requiring grad), a pure
 ``f(params, z, x)``, ``embed(params, inp) -> x``, ``readout(params, z) -> logits``,
@@ -16,7 +14,6 @@ a fixed batch (seeded) and its labels. "ours" and "torchdeq" get the *same*
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,7 +38,7 @@ class Workload:
     inp: torch.Tensor
     target: torch.Tensor
     z_like: Callable  # z_like(x) -> zeros shaped like the state
-    source: str  # "deq_functional.models.mlp" or "bench fallback"
+    source: str  # which model and init, e.g. "deq_functional.models.mlp: ..."
     meta: dict = field(default_factory=dict)
 
     def clone_params(self) -> Any:
@@ -70,110 +67,42 @@ def _leafify(params: Any, device) -> Any:
     return tree_map(lambda v: v.detach().to(device).clone().requires_grad_(True), params)
 
 
-def _try_models(kind: str):
-    try:
-        import importlib
+def _model(kind: str, gen: torch.Generator) -> tuple[Any, Callable, Callable, Callable, str]:
+    """params, f, embed, readout from deq_functional.models.<kind> (MNIST sizes)."""
+    from deq_functional.models import conv, mlp
 
-        return importlib.import_module(f"deq_functional.models.{kind}")
-    except ImportError:
-        return None
-
-
-def _fallback_mlp(gen: torch.Generator) -> tuple[dict, Callable, Callable, Callable]:
-    """tanh(W z + x + b), W spectrally rescaled to norm 0.9; x = U inp; logits = V z."""
-    W = torch.randn(MLP_LATENT, MLP_LATENT, generator=gen)
-    W = W * (0.9 / torch.linalg.matrix_norm(W, ord=2))
-    params = {
-        "W": W,
-        "b": torch.zeros(MLP_LATENT),
-        "U": torch.randn(MLP_LATENT, MLP_IN, generator=gen) / math.sqrt(MLP_IN),
-        "V": torch.randn(10, MLP_LATENT, generator=gen) / math.sqrt(MLP_LATENT),
-    }
-
-    def f(p, z, x):
-        return torch.tanh(z @ p["W"].T + x + p["b"])
-
-    def embed(p, inp):
-        return inp.flatten(1) @ p["U"].T
-
-    def readout(p, z):
-        return z @ p["V"].T
-
-    return params, f, embed, readout
+    if kind == "mlp":
+        params = mlp.init(gen, in_features=MLP_IN, hidden=MLP_LATENT, num_classes=10, contraction=0.9)
+        return params, mlp.apply, mlp.embed, mlp.readout, (
+            "deq_functional.models.mlp: mlp.init(in_features=784, hidden=256, num_classes=10, contraction=0.9)"
+        )
+    params = conv.init(gen, in_shape=(1, 28, 28), num_classes=10)
+    with torch.no_grad():  # the paper's Lipschitz rescaling, as its training loop projects it
+        params, _ = conv.rescale(params, lipschitz=0.9, generator=gen)
+    params = tree_map(torch.Tensor.detach, params)
+    return params, conv.apply, conv.embed, conv.readout, (
+        "deq_functional.models.conv: conv.init(in_shape=(1, 28, 28)) + conv.rescale(lipschitz=0.9)"
+    )
 
 
-def _fallback_conv(gen: torch.Generator, channels: int = 32):
-    """JFB-paper-style MNIST implicit net: x = conv_d(d); f = relu(z + conv2(relu(conv1(z)))/2 + x)."""
-
-    def w(*shape, scale):
-        return torch.randn(*shape, generator=gen) * scale
-
-    c = channels
-    params = {
-        "conv_d": w(c, 1, 3, 3, scale=1 / 3),
-        "conv1": w(c, c, 3, 3, scale=0.3 / math.sqrt(9 * c)),
-        "conv2": w(c, c, 3, 3, scale=0.3 / math.sqrt(9 * c)),
-        "fc": w(10, c * 16, scale=1 / math.sqrt(c * 16)),
-    }
-
-    def f(p, z, x):
-        y = F.relu(F.conv2d(z, p["conv1"], padding=1))
-        return 0.5 * z + F.conv2d(y, p["conv2"], padding=1) + x
-
-    def embed(p, inp):
-        return F.conv2d(inp, p["conv_d"], padding=1)
-
-    def readout(p, z):
-        return F.adaptive_avg_pool2d(z, 4).flatten(1) @ p["fc"].T
-
-    return params, f, embed, readout
+def _make(kind: str, batch: int, meta: dict, device="cpu", dtype=torch.float32) -> Workload:
+    gen = torch.Generator().manual_seed(SEED)
+    params, f, embed, readout, source = _model(kind, gen)
+    params = tree_map(lambda v: v.to(dtype), params)
+    inp = torch.randn(batch, 1, 28, 28, generator=gen).to(device, dtype)
+    target = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    return Workload(
+        kind, _leafify(params, device), f, embed, readout, inp, target,
+        z_like=torch.zeros_like, source=source, meta=meta,
+    )
 
 
 def make_mlp(device="cpu", dtype=torch.float32) -> Workload:
-    gen = torch.Generator().manual_seed(SEED)
-    mod = _try_models("mlp")
-    source = "bench fallback"
-    params, f, embed, readout = _fallback_mlp(gen)
-    if mod is not None:
-        params, f, embed, readout, source = _from_models(mod, "mlp", gen)
-    params = tree_map(lambda v: v.to(dtype), params)
-    inp = torch.randn(MLP_BATCH, 1, 28, 28, generator=gen).to(device, dtype)
-    target = torch.randint(0, 10, (MLP_BATCH,), generator=gen).to(device)
-    return Workload(
-        "mlp", _leafify(params, device), f, embed, readout, inp, target,
-        z_like=torch.zeros_like, source=source,
-        meta={"latent": MLP_LATENT, "batch": MLP_BATCH},
-    )
+    return _make("mlp", MLP_BATCH, {"latent": MLP_LATENT, "batch": MLP_BATCH}, device, dtype)
 
 
 def make_conv(device="cpu", dtype=torch.float32) -> Workload:
-    gen = torch.Generator().manual_seed(SEED)
-    mod = _try_models("conv")
-    source = "bench fallback"
-    params, f, embed, readout = _fallback_conv(gen)
-    if mod is not None:
-        params, f, embed, readout, source = _from_models(mod, "conv", gen)
-    params = tree_map(lambda v: v.to(dtype), params)
-    inp = torch.randn(CONV_BATCH, 1, 28, 28, generator=gen).to(device, dtype)
-    target = torch.randint(0, 10, (CONV_BATCH,), generator=gen).to(device)
-    return Workload(
-        "conv", _leafify(params, device), f, embed, readout, inp, target,
-        z_like=torch.zeros_like, source=source, meta={"batch": CONV_BATCH},
-    )
-
-
-def _from_models(mod, kind, gen):
-    """params, f, embed, readout from deq_functional.models.<kind> (MNIST sizes)."""
-    if kind == "mlp":
-        params = mod.init(gen, in_features=MLP_IN, hidden=MLP_LATENT, num_classes=10, contraction=0.9)
-        note = "mlp.init(in_features=784, hidden=256, num_classes=10, contraction=0.9)"
-    else:
-        params = mod.init(gen, in_shape=(1, 28, 28), num_classes=10)
-        with torch.no_grad():  # the paper's Lipschitz rescaling, as its training loop projects it
-            params, _ = mod.rescale(params, lipschitz=0.9, generator=gen)
-        params = tree_map(torch.Tensor.detach, params)
-        note = "conv.init(in_shape=(1, 28, 28)) + conv.rescale(lipschitz=0.9)"
-    return params, mod.apply, mod.embed, mod.readout, f"deq_functional.models.{kind}: {note}"
+    return _make("conv", CONV_BATCH, {"batch": CONV_BATCH}, device, dtype)
 
 
 WORKLOADS = {"mlp": make_mlp, "conv": make_conv}
