@@ -100,7 +100,6 @@ def train_interleaved(trainers: dict, epochs: int, progress: bool = True) -> Non
 
 def saved_bytes(trainer, d, y, solver) -> int:
     """Bytes autograd saves for backward in one training forward pass (params excluded)."""
-    cfg = trainer.config
     with dq.SavedTensorBytes(exclude=trainer.params) as saved:
         logits, _ = predict(trainer.model, trainer.params, d, solver=solver, grad_mode=trainer.grad_mode, per_sample=True)
         torch.nn.functional.cross_entropy(logits, y)

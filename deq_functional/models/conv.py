@@ -47,7 +47,6 @@ Supports: backward / grad / vmap / compile (plain tensor ops).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F

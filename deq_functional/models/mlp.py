@@ -31,7 +31,6 @@ Supports: backward / grad / vmap / compile (plain tensor ops).
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
