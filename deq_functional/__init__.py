@@ -4,25 +4,26 @@
 """
 
 from ._fixed_point import fixed_point
-from ._info import FixedPointError, Info
+from ._info import FixedPointError, FixedPointWarning, Info, Status
 from ._module import from_module, to_module
 from .correction import correction_loss, correction_weights
+from .gradients import IFT, JFB, GradMode, Neumann, Phantom, Unrolled
 from .memory import SavedTensorBytes
 from .normalization import conv_lipschitz_rescale, spectral_normalize
 from .regularizers import jacobian_frobenius, spectral_radius
-from ._problem import FixedPointWarning
-from .gradients import IFT, JFB, Neumann, Phantom, Unrolled
 from .solvers import Anderson, Broyden, Picard, Solver
 
 __all__ = [
     "fixed_point",
     "Info",
+    "Status",
     "FixedPointError",
     "FixedPointWarning",
     "Solver",
     "Picard",
     "Anderson",
     "Broyden",
+    "GradMode",
     "IFT",
     "JFB",
     "Neumann",

@@ -1,54 +1,89 @@
-"""View a pytree state as one ``(B, D)`` matrix, so solvers are written once for all states.
+"""The ``(B, D)`` matrix form that the loop and the solvers work on.
 
-``B`` is the batch (leading dim of every leaf) with ``per_sample=True`` and 1
-otherwise; ``D`` is everything else, concatenated across leaves. A single-leaf
-state is a free reshape; several leaves cost one concatenation per call.
+``FlatView`` maps a pytree state to one ``(B, D)`` matrix and back: ``B`` is the batch
+(the leading dim of every leaf) with ``per_sample=True`` and 1 otherwise, ``D`` is
+everything else, concatenated across leaves. A single-leaf state is a free reshape;
+several leaves cost one concatenation per call. The helpers below are the few array
+operations every solver and the loop share.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from ._tree import describe, flatten, unflatten
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for norms and solver internals: float32 for half-precision states, else ``dtype``."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def row_norms(t: torch.Tensor) -> torch.Tensor:
+    """``‖t_b‖₂`` per row of a ``(B, D)`` matrix, accumulated in :func:`work_dtype` (no fp16 overflow)."""
+    return torch.linalg.vector_norm(t, dim=1, dtype=work_dtype(t.dtype))
+
+
+def write_slot(buffer: torch.Tensor, dim: int, index: Any, item: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``buffer`` with ``buffer.select(dim, index) = item``; ``index`` an int or a 0-dim tensor.
+
+    In place when ``inplace`` (eager, no autograd graph: no copy). Otherwise out of place
+    with ``index_copy`` (copies the buffer): what ``torch.while_loop`` bodies, ``vmap`` with
+    unbatched buffers and backprop through the iterations need.
+    """
+    if inplace:
+        buffer.select(dim, index).copy_(item)
+        return buffer
+    index = torch.as_tensor(index, device=buffer.device).reshape(1)
+    return buffer.index_copy(dim, index, item.unsqueeze(dim).to(buffer.dtype))
+
 
 class FlatView:
     """Maps pytrees shaped like ``z`` to ``(B, D)`` matrices and back.
 
     Args:
-        z: example state (pytree of tensors).
+        z: example state (pytree of floating-point tensors).
         per_sample: treat the leading dim of every leaf as independent problems.
+        owner: name used in error messages.
+
+    Raises:
+        ValueError: a leaf is not a floating-point tensor, or (``per_sample``) the
+            leaves do not share a leading batch dim.
     """
 
-    def __init__(self, z: Any, per_sample: bool):
+    def __init__(self, z: Any, per_sample: bool, owner: str = "fixed_point"):
         leaves, self.spec = flatten(z)
         if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
-            raise ValueError(f"fixed_point: the state must be a pytree of tensors, got {describe(z)}")
+            raise ValueError(f"{owner}: the state must be a pytree of tensors, got {describe(z)}")
         self.shapes = [t.shape for t in leaves]
         self.dtypes = [t.dtype for t in leaves]
         self.dtype = leaves[0].dtype
         for t in leaves[1:]:
             self.dtype = torch.promote_types(self.dtype, t.dtype)
-        if not self.dtype.is_floating_point and not self.dtype.is_complex:
-            raise ValueError(f"fixed_point: the state must be floating point, got {describe(z)}")
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"{owner}: the state must be floating point, got {describe(z)}")
         if per_sample:
             sizes = {t.shape[0] if t.dim() else None for t in leaves}
             if len(sizes) != 1 or None in sizes:
                 raise ValueError(
-                    "fixed_point(per_sample=True): every leaf of the state needs the same leading "
+                    f"{owner}(per_sample=True): every leaf of the state needs the same leading "
                     f"(batch) dim, got {describe(z)}"
                 )
             self.batch = sizes.pop()
+            self.sizes = [math.prod(s[1:]) for s in self.shapes]
         else:
             self.batch = 1
-        self.sizes = [t.numel() // self.batch for t in leaves]
+            self.sizes = [math.prod(s) for s in self.shapes]
 
     def to_flat(self, tree: Any) -> torch.Tensor:
         """Pytree shaped like ``z`` -> ``(B, D)`` tensor in the common dtype."""
         leaves = flatten(tree)[0]
-        parts = [t.reshape(self.batch, -1).to(self.dtype) for t in leaves]
+        parts = [t.reshape(self.batch, n).to(self.dtype) for t, n in zip(leaves, self.sizes)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def from_flat(self, flat: torch.Tensor) -> Any:
@@ -56,3 +91,18 @@ class FlatView:
         parts = (flat,) if len(self.sizes) == 1 else torch.split(flat, self.sizes, dim=1)
         leaves = [p.reshape(s).to(d) for p, s, d in zip(parts, self.shapes, self.dtypes)]
         return unflatten(self.spec, leaves)
+
+
+def select(cond: Any, a: Any, b: Any) -> Any:
+    """``torch.where(cond, a, b)``; a Python bool ``cond`` (eager counters are ints) picks without an op."""
+    if isinstance(cond, bool):
+        return a if cond else b
+    return torch.where(cond, a, b)
+
+
+def first_slots(n: Any, size: int, device: torch.device) -> Any:
+    """The slots ``0..n-1`` of a ring of ``size``: ``n`` itself when it is an int (eager, sliceable),
+    else a ``(size,)`` bool mask (``n`` a 0-dim tensor inside ``torch.while_loop``)."""
+    if isinstance(n, int):
+        return n
+    return torch.arange(size, device=device) < n

@@ -1,125 +1,134 @@
-"""The problem ``z = f(params, z, x)`` as one object: input checks, detached and differentiable maps."""
+"""The problem ``z = f(params, z, x)``: its tensors as flat leaves, the one way to call f, its vjps.
+
+``Problem`` keeps the tensor leaves of ``params`` and ``x`` as flat lists so the adjoint
+``autograd.Function`` can receive each one as an input (the torch.func rule), and calls
+``f`` on leaves with its output cast to the state's dtypes (under ``torch.autocast`` f may
+return the autocast dtype). ``check_output`` validates f's first output.
+"""
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import torch
 
-from ._info import FixedPointError
-from ._loop import values_readable
-from ._tree import TreeSpec, describe, dtype_name, flatten, same_layout, unflatten
-
-ON_NONCONVERGENCE = ("ignore", "warn", "raise")
+from ._tree import describe, dtype_name, flatten, same_layout, tree_map, unflatten
 
 
-class FixedPointWarning(RuntimeWarning):
-    """A fixed-point or adjoint solve stopped before reaching its tolerance."""
+class Problem:
+    """``f``, ``params`` and ``x`` of one ``fixed_point`` call; ``z0`` fixes the state's structure.
+
+    Args:
+        f: ``f(params, z, x) -> z_next``.
+        params, x: pytrees of tensors.
+        z0: the initial state (its structure and dtypes are the state's).
+    """
+
+    def __init__(self, f: Callable[[Any, Any, Any], Any], params: Any, x: Any, z0: Any):
+        self.f = f
+        self.param_leaves, self.param_spec = flatten(params)
+        self.x_leaves, self.x_spec = flatten(x)
+        z_leaves, self.z_spec = flatten(z0)
+        self.z_dtypes = [t.dtype for t in z_leaves]
+
+    @property
+    def n_state_leaves(self) -> int:
+        """Number of tensor leaves of the state (a Python int: static under compile)."""
+        return len(self.z_dtypes)
+
+    def call_raw(self, param_leaves: list, z: Any, x_leaves: list) -> Any:
+        """``f(params, z, x)`` exactly as f returns it."""
+        return self.f(unflatten(self.param_spec, param_leaves), z, unflatten(self.x_spec, x_leaves))
+
+    def call(self, param_leaves: list, z: Any, x_leaves: list) -> Any:
+        """``f(params, z, x)`` with each output leaf cast to the state's dtype."""
+        out = self.call_raw(param_leaves, z, x_leaves)
+        if isinstance(out, torch.Tensor) and self.z_spec.kind == "leaf":  # fast path, one tensor
+            return out if out.dtype == self.z_dtypes[0] else out.to(self.z_dtypes[0])
+        leaves, spec = flatten(out)
+        if spec != self.z_spec:
+            raise ValueError(f"fixed_point: f returned {describe(out)} on a later call; the structure must not change")
+        return unflatten(spec, [o.to(d) for o, d in zip(leaves, self.z_dtypes)])
+
+    def leaves(self, detached: bool) -> tuple[list, list]:
+        """Param and x leaves, detached (no graph: forward solves) or as given (gradient path)."""
+        if not detached:
+            return self.param_leaves, self.x_leaves
+        return [_detach(t) for t in self.param_leaves], [_detach(t) for t in self.x_leaves]
+
+    def map(self, detached: bool) -> Callable[[Any], Any]:
+        """``z ↦ f(params, z, x)`` (``detached``: params and x detached, see :meth:`leaves`)."""
+        p, x = self.leaves(detached)
+        return lambda z: self.call(p, z, x)
+
+    def transposed_jacobian(self, z: Any, param_leaves: list, x_leaves: list, *, relinearize: bool) -> Callable[[Any], Any]:
+        """``u ↦ J(z)ᵀ u`` for ``J = ∂f/∂z`` at ``(params, z, x)``; no Jacobian is formed.
+
+        ``relinearize=False``: one ``torch.func.vjp`` now (one forward of f), one backward
+        per call. ``relinearize=True`` (inside ``torch.while_loop``, where a vjp closure made
+        outside the body cannot be lifted into it): every call re-runs f on fresh clones of
+        its inputs, so each costs a forward and a backward of f.
+
+        torch.func refuses to run under ``torch.autograd.graph.saved_tensors_hooks`` (e.g.
+        ``save_on_cpu()``); there the product comes from eager autograd on a recomputed graph.
+        """
+        if relinearize:
+
+            def relinearized(u: Any) -> Any:
+                p = [t.clone() for t in param_leaves]
+                x = [t.clone() for t in x_leaves]
+                _, pullback = torch.func.vjp(lambda zz: self.call(p, zz, x), tree_map(torch.clone, z))
+                return pullback(u)[0]
+
+            return relinearized
+        f_of_z = lambda zz: self.call(param_leaves, zz, x_leaves)  # noqa: E731
+        try:
+            _, pullback = torch.func.vjp(f_of_z, z)
+        except RuntimeError as err:
+            if "saved tensor hooks" not in str(err):
+                raise
+            return _autograd_pullback(f_of_z, z)
+        return lambda u: pullback(u)[0]
 
 
 def _detach(t: Any) -> Any:
     return t.detach() if isinstance(t, torch.Tensor) else t
 
 
-def _autocast_dtypes(device_type: str) -> set:
-    """The lower-precision dtype autocast may produce on ``device_type`` (empty when it is off)."""
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return {torch.get_autocast_dtype(device_type)}
-    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4 signatures
-        pass
-    return set()
+def _autograd_pullback(f_of_z: Callable[[Any], Any], z: Any) -> Callable[[Any], Any]:
+    """``u ↦ J(z)ᵀ u`` from eager autograd (for where torch.func.vjp refuses to run)."""
+    z_leaves, spec = flatten(tree_map(lambda t: t.detach().requires_grad_(True), z))
+    with torch.enable_grad():
+        out_leaves = flatten(f_of_z(unflatten(spec, z_leaves)))[0]
+
+    def pullback(u: Any) -> Any:
+        grads = torch.autograd.grad(out_leaves, z_leaves, flatten(u)[0], retain_graph=True, allow_unused=True)
+        return unflatten(spec, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, z_leaves)])
+
+    return pullback
 
 
-class Problem:
-    """``f``, ``params`` and ``x`` of one ``fixed_point`` call, plus the settings its backward needs.
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The lower-precision dtype autocast may produce on ``device_type`` (None when it is off)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
-    Tensor leaves of params and x are kept as flat lists so the adjoint
-    ``autograd.Function`` can receive each one as an input (the torch.func rule).
-    """
 
-    def __init__(self, f: Callable, params: Any, x: Any, *, solver, per_sample: bool, on_nonconvergence: str):
-        self.f, self.solver, self.per_sample = f, solver, per_sample
-        self.on_nonconvergence = on_nonconvergence
-        self.param_leaves, self.param_spec = flatten(params)
-        self.x_leaves, self.x_spec = flatten(x)
-        self.z_spec: TreeSpec | None = None
-        self.z_spec_size = 0  # number of leaves of z, a Python int (static under compile)
-
-    # -- the maps -----------------------------------------------------------------
-    def call(self, param_leaves: list, z: Any, x_leaves: list) -> Any:
-        """``f(params, z, x)`` from flat leaves, output cast like z (see :meth:`match_dtypes`)."""
-        out = self.f(unflatten(self.param_spec, param_leaves), z, unflatten(self.x_spec, x_leaves))
-        return self.match_dtypes(out, z)
-
-    def match_dtypes(self, out: Any, z: Any) -> Any:
-        """Cast each leaf of ``out`` to the dtype of the matching z leaf: a no-op except under
-        autocast, where f may return the autocast dtype. A single tensor takes a fast path."""
-        if isinstance(out, torch.Tensor) and isinstance(z, torch.Tensor) and self.z_spec_size == 1:
-            return out if out.dtype == z.dtype else out.to(z.dtype)
-        out_leaves, spec = flatten(out)
-        if spec != self.z_spec:  # only after check_output: f changed its output between calls
-            raise ValueError(f"fixed_point: f returned {describe(out)} on a later call; the structure must not change")
-        return unflatten(spec, [o.to(t.dtype) for o, t in zip(out_leaves, flatten(z)[0])])
-
-    def leaves(self, detached: bool) -> tuple[list, list]:
-        """Param and x leaves, detached (forward solve: no graph) or as given (gradient path)."""
-        if not detached:
-            return self.param_leaves, self.x_leaves
-        return [_detach(t) for t in self.param_leaves], [_detach(t) for t in self.x_leaves]
-
-    def raw(self, z: Any, detached: bool) -> Any:
-        """``f(params, z, x)`` exactly as the user's f returns it (for :meth:`check_output`)."""
-        p, x = self.leaves(detached)
-        return self.f(unflatten(self.param_spec, p), z, unflatten(self.x_spec, x))
-
-    def map(self, detached: bool) -> Callable[[Any], Any]:
-        """``z ↦ f(params, z, x)``; ``detached=True`` detaches params and x (the forward
-        solve builds no graph), ``False`` tracks gradients to them."""
-        p, x = self.leaves(detached)
-        params, inputs = unflatten(self.param_spec, p), unflatten(self.x_spec, x)
-        return lambda z: self.match_dtypes(self.f(params, z, inputs), z)
-
-    # -- validation ----------------------------------------------------------------
-    def check_output(self, out: Any, z: Any, z0_given: bool, x: Any) -> None:
-        """Raise ``ValueError`` unless ``out = f(params, z, x)`` matches ``z`` in structure, shape, dtype."""
-        z_leaves, self.z_spec = flatten(z)
-        self.z_spec_size = len(z_leaves)
-        if not same_layout(out, z):
-            if not z0_given:
-                raise ValueError(
-                    "fixed_point: z0 is None, so z starts as zeros shaped like x, "
-                    f"x = {describe(x)}; but f(params, z, x) returned {describe(out)}. "
-                    "The structures differ: pass z0=... shaped like f's output."
-                )
+def check_output(out: Any, z: Any, z0_given: bool, x: Any) -> None:
+    """Raise ``ValueError`` unless ``out = f(params, z, x)`` matches ``z`` in structure, shape, dtype."""
+    if not same_layout(out, z):
+        if not z0_given:
             raise ValueError(
-                "fixed_point: f(params, z, x) must return the structure and shapes of z; "
-                f"got {describe(out)} for z = {describe(z)}"
+                "fixed_point: z0 is None, so z starts as zeros shaped like x, "
+                f"x = {describe(x)}; but f(params, z, x) returned {describe(out)}. "
+                "The structures differ: pass z0=... shaped like f's output."
             )
-        for o, t in zip(flatten(out)[0], z_leaves):
-            if o.dtype != t.dtype and o.dtype not in _autocast_dtypes(t.device.type):
-                raise ValueError(
-                    f"fixed_point: f(params, z, x) returned dtype {dtype_name(o.dtype)} where z has "
-                    f"{dtype_name(t.dtype)}: "
-                    f"got {describe(out)} for z = {describe(z)}; cast f's output (or z0) to one dtype"
-                )
-
-    # -- reporting -------------------------------------------------------------------
-    def report(self, info: tuple, what: str, solver) -> None:
-        """Apply ``on_nonconvergence`` to ``info`` (eager only: values cannot be read under compile/vmap)."""
-        if self.on_nonconvergence == "ignore" or not values_readable(info.converged):
-            return
-        ok = info.converged.reshape(-1)
-        if bool(ok.all()):
-            return
-        worst = float(info.rel_residual.reshape(-1)[~ok].max())
-        msg = (
-            f"fixed_point: {what} did not converge: {int((~ok).sum())} of {ok.numel()} problem(s) "
-            f"stopped at rel_residual {worst:.3g} > tol {solver.tol:g} after {solver.max_iter} iterations "
-            f"({type(solver).__name__}). Try a larger max_iter, a looser tol, another solver, "
-            "or a more contractive f."
+        raise ValueError(
+            "fixed_point: f(params, z, x) must return the structure and shapes of z; "
+            f"got {describe(out)} for z = {describe(z)}"
         )
-        if self.on_nonconvergence == "raise":
-            raise FixedPointError(msg)
-        warnings.warn(msg, FixedPointWarning, stacklevel=3)
+    for o, t in zip(flatten(out)[0], flatten(z)[0]):
+        if o.dtype != t.dtype and o.dtype != _autocast_dtype(t.device.type):
+            raise ValueError(
+                f"fixed_point: f(params, z, x) returned dtype {dtype_name(o.dtype)} where z has "
+                f"{dtype_name(t.dtype)}: got {describe(out)} for z = {describe(z)}; cast f's output (or z0) to one dtype"
+            )

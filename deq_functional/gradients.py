@@ -1,6 +1,6 @@
 """Gradient modes: how gradients flow from ``z*`` back to ``params`` and ``x``.
 
-Each mode is a frozen dataclass with ``attach(problem, loop) -> z_star``, which
+Each mode is a frozen dataclass derived from ``GradMode``; ``attach(call, z_K, gz_K)``
 builds the differentiable output from the solver's last iterate ``z_K``:
 
 ========== ============================================================ ===================
@@ -21,78 +21,65 @@ under ``torch.no_grad``. They give first-order gradients (no double backward).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from ._loop import LoopResult, iterate
+from ._adjoint import attach_implicit
+from ._checks import check_bool, check_int, check_real
 from ._problem import Problem
-from ._tree import flatten, tree_map, unflatten
-from ._vjp import vjp_in_z
+from ._report import apply_policy
+from ._solve import iterate
+from ._transforms import is_compiling
+from ._tree import tree_map
 from .solvers import Solver, as_solver
-from .solvers._base import check_int, check_real
 
 
-class _AdjointFn(torch.autograd.Function):
-    """Identity on ``z_out = f(params, z_K, x)`` whose backward maps ḡ to the mode's adjoint ``u``.
+class ForwardCall(NamedTuple):
+    """What a gradient mode needs to know about the ``fixed_point`` call it differentiates."""
 
-    ``forward(mode, problem, *z_out, *z_K, *params, *x)``: every tensor is an
-    input (the torch.func rule), ctx-free, with ``setup_context`` and a generated vmap
-    rule. The gradient then reaches params and x through ``z_out``'s own graph:
-    ``(∂f/∂θ)ᵀ u`` — the IFT gradient when ``u = (I − Jᵀ)⁻¹ ḡ``.
+    problem: Problem
+    solver: Solver
+    per_sample: bool
+    on_nonconvergence: str
+
+
+class GradMode:
+    """Base of the gradient modes (frozen dataclasses).
+
+    ``differentiates_iterations``: the forward solve builds an autograd graph through its
+    iterations (``Unrolled``); every other mode solves under ``torch.no_grad``.
     """
 
-    generate_vmap_rule = True
+    differentiates_iterations: ClassVar[bool] = False
+    constant_mixing: ClassVar[bool] = False
 
-    @staticmethod
-    def forward(mode, problem, *tensors):
-        return tuple(t.view_as(t) for t in tensors[: problem.z_spec_size])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        mode, problem, *tensors = inputs
-        ctx.mode, ctx.problem = mode, problem
-        ctx.save_for_backward(*tensors[problem.z_spec_size :])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        problem = ctx.problem
-        saved = ctx.saved_tensors
-        n_z, n_p = len(grads), len(problem.param_leaves)
-        z_leaves, p_leaves, x_leaves = saved[:n_z], list(saved[n_z : n_z + n_p]), list(saved[n_z + n_p :])
-        z_K = unflatten(problem.z_spec, z_leaves)
-        gbar = unflatten(problem.z_spec, [torch.zeros_like(z) if g is None else g for g, z in zip(grads, z_leaves)])
-        p_leaves = [t.detach() for t in p_leaves]
-        x_leaves = [t.detach() for t in x_leaves]
-        jt = vjp_in_z(lambda z: problem.call(p_leaves, z, x_leaves), z_K)
-        u = ctx.mode.adjoint(jt, gbar, problem)
-        return (None, None, *flatten(u)[0], *([None] * len(saved)))
-
-
-def _with_adjoint(mode, problem: Problem, loop: LoopResult) -> Any:
-    """``z_out = f(params, z_K, x)`` routed through ``_AdjointFn`` so backward uses ``mode.adjoint``."""
-    z_out = problem.map(detached=False)(loop.z)
-    out_leaves = flatten(z_out)[0]
-    if not any(t.requires_grad for t in out_leaves):
-        # Nothing to differentiate: the Function is the identity. (Also sidesteps a Dynamo
-        # bug in torch 2.14 that passes a ctx to a setup_context-style forward in this case.)
-        return z_out
-    tensors = (*out_leaves, *flatten(loop.z)[0], *problem.param_leaves, *problem.x_leaves)
-    return unflatten(problem.z_spec, list(_AdjointFn.apply(mode, problem, *tensors)))
+    def attach(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:  # pragma: no cover - abstract
+        """The differentiable ``z_star`` from the last iterate ``z_K`` (and ``gz_K = f(z_K)``)."""
+        raise NotImplementedError
 
 
 def _add(a: Any, b: Any) -> Any:
     return tree_map(torch.add, a, b)
 
 
+ADJOINT_SOLVE = "fixed_point: the IFT adjoint (backward) solve"
+
+
 @dataclass(frozen=True)
-class IFT:
+class IFT(GradMode):
     r"""Exact implicit-function-theorem gradient.
 
     Backward solves the adjoint fixed point ``u = J(z*)ᵀ u + ḡ`` with ``solver``
     applied to the map ``u ↦ Jᵀu + ḡ`` (one ``torch.func.vjp`` per iteration, no
     Jacobian formed), then returns ``(∂f/∂θ)ᵀ u`` and ``(∂f/∂x)ᵀ u``.
-    ``on_nonconvergence`` of the ``fixed_point`` call also governs this solve.
+
+    The adjoint solve ends with a status like the forward one, but has no ``info`` to
+    return it in: eagerly, NONFINITE raises ``FixedPointError`` from ``backward()`` and
+    MAX_ITER / DIVERGED follow the call's ``on_nonconvergence`` (warn or raise); under
+    compile or vmap nothing is raised and the gradient comes from the last adjoint iterate.
+    Under ``torch.compile`` the adjoint runs in ``torch.while_loop`` and re-runs f once per
+    iteration to linearise it inside the loop body (a forward and a backward of f each).
 
     Attributes:
         solver: solver for the adjoint problem (instance or "picard" | "anderson" |
@@ -107,31 +94,33 @@ class IFT:
         if self.solver is not None:
             object.__setattr__(self, "solver", as_solver(self.solver, owner="IFT"))
 
-    def attach(self, problem: Problem, loop: LoopResult) -> Any:
-        return _with_adjoint(self, problem, loop)
+    def attach(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
+        return attach_implicit(self, call, z_K)
 
-    def adjoint(self, jt, gbar: Any, problem: Problem) -> Any:
-        solver: Solver = self.solver or problem.solver
-        zeros = tree_map(torch.zeros_like, gbar)
-        out = iterate(solver, lambda u: _add(jt(u), gbar), zeros, gbar, per_sample=problem.per_sample)
-        problem.report(out.info, "the IFT adjoint (backward) solve", solver)
-        return out.gz
+    def adjoint(self, call: ForwardCall, z_K: Any, params: list, x: list, cotangent: Any) -> Any:
+        """``u = (I − Jᵀ)⁻¹ ḡ`` by the adjoint solver, from ``u_0 = 0`` (so ``g(u_0) = ḡ``)."""
+        solver = self.solver or call.solver
+        jt = call.problem.transposed_jacobian(z_K, params, x, relinearize=is_compiling())
+        zeros = tree_map(torch.zeros_like, cotangent)
+        sol = iterate(solver, lambda u: _add(jt(u), cotangent), zeros, cotangent, per_sample=call.per_sample, what=ADJOINT_SOLVE)
+        apply_policy(call.on_nonconvergence, sol.host_status, sol.info, solver, ADJOINT_SOLVE)
+        return sol.gz
 
 
 @dataclass(frozen=True)
-class JFB:
+class JFB(GradMode):
     """Jacobian-free backprop (Fung et al., AAAI-22): differentiate ``f(params, z_K.detach(), x)``.
 
     The gradient is ``(∂f/∂θ)ᵀ ḡ`` — ``(I − Jᵀ)⁻¹`` replaced by ``I``; a descent
     direction when f is contractive in z. Backward cost: one vjp.
     """
 
-    def attach(self, problem: Problem, loop: LoopResult) -> Any:
-        return problem.map(detached=False)(loop.z)
+    def attach(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
+        return call.problem.map(detached=False)(tree_map(torch.Tensor.detach, z_K))
 
 
 @dataclass(frozen=True)
-class Neumann:
+class Neumann(GradMode):
     r"""Truncated Neumann series ``u = Σ_{i=0..k} (Jᵀ)^i ḡ`` for ``(I − Jᵀ)⁻¹ ḡ``.
 
     ``Neumann(0)`` equals JFB; as ``k → ∞`` it approaches IFT when ``ρ(J) < 1``.
@@ -146,11 +135,12 @@ class Neumann:
     def __post_init__(self) -> None:
         check_int("Neumann", "k", self.k, 0)
 
-    def attach(self, problem: Problem, loop: LoopResult) -> Any:
-        return _with_adjoint(self, problem, loop)
+    def attach(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
+        return attach_implicit(self, call, z_K)
 
-    def adjoint(self, jt, gbar: Any, problem: Problem) -> Any:
-        u = term = gbar
+    def adjoint(self, call: ForwardCall, z_K: Any, params: list, x: list, cotangent: Any) -> Any:
+        jt = call.problem.transposed_jacobian(z_K, params, x, relinearize=False)
+        u = term = cotangent
         for _ in range(self.k):
             term = jt(term)
             u = _add(u, term)
@@ -158,7 +148,7 @@ class Neumann:
 
 
 @dataclass(frozen=True)
-class Phantom:
+class Phantom(GradMode):
     r"""Phantom gradient (Geng et al., "On Training Implicit Models", NeurIPS 2021).
 
     ``k`` damped differentiable steps from ``z_K.detach()``:
@@ -178,9 +168,9 @@ class Phantom:
         check_int("Phantom", "k", self.k, 1)
         check_real("Phantom", "damping", self.damping, 0.0, 1.0, open_low=True)
 
-    def attach(self, problem: Problem, loop: LoopResult) -> Any:
-        step = problem.map(detached=False)
-        z = tree_map(torch.Tensor.detach, loop.z)
+    def attach(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
+        step = call.problem.map(detached=False)
+        z = tree_map(torch.Tensor.detach, z_K)
         for _ in range(self.k):
             fz = step(z)
             z = fz if self.damping == 1.0 else tree_map(lambda a, b: a + self.damping * (b - a), z, fz)
@@ -188,12 +178,39 @@ class Phantom:
 
 
 @dataclass(frozen=True)
-class Unrolled:
+class Unrolled(GradMode):
     """Plain backprop through every solver iteration: exact for the iterations run,
-    memory grows linearly with them. The reference the implicit modes are checked against."""
+    memory grows linearly with them. The reference the implicit modes are checked against.
 
-    def attach(self, problem: Problem, loop: LoopResult) -> Any:
-        return loop.gz
+    Attributes:
+        differentiate_mixing: also differentiate the solver's data-dependent coefficients
+            (Anderson's α, Broyden's secant pairs). Off by default: their derivative
+            multiplies residuals that vanish at convergence, but it blows up numerically
+            (Anderson: a 1e3× gradient after 100 iterations on the JFB paper's conv net;
+            Broyden: pairs built from rounding noise once converged).
+    """
+
+    differentiate_mixing: bool = False
+    differentiates_iterations: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_bool("Unrolled", "differentiate_mixing", self.differentiate_mixing)
+
+    @property
+    def constant_mixing(self) -> bool:  # type: ignore[override]
+        return not self.differentiate_mixing
+
+    def attach(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
+        return gz_K
 
 
 GRAD_MODES = {"ift": IFT, "jfb": JFB, "neumann": Neumann, "phantom": Phantom, "unrolled": Unrolled}
+
+
+def as_grad_mode(mode: Any) -> GradMode:
+    """A grad-mode instance from an instance or a name in ``GRAD_MODES`` (``ValueError`` otherwise)."""
+    if isinstance(mode, GradMode):
+        return mode
+    if isinstance(mode, str) and mode.lower() in GRAD_MODES:
+        return GRAD_MODES[mode.lower()]()
+    raise ValueError(f"fixed_point: unknown grad_mode {mode!r}; use one of {sorted(GRAD_MODES)} or an instance")

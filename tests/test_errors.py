@@ -52,10 +52,14 @@ def test_non_finite_iterate_raises_naming_step_and_residual(solver):
         dq.fixed_point(f, {}, _x(), solver=solver)
 
 
-def test_diverging_picard_raises_at_the_step_it_overflows():
+def test_runaway_picard_is_diverged_long_before_it_overflows():
     f = lambda p, z, x: z**2 + 1.0 + x  # noqa: E731  (no real fixed point: z grows doubly exponentially)
-    with pytest.raises(dq.FixedPointError, match=r"step 9: residual \[inf\]"):
-        dq.fixed_point(f, {}, _x(), solver=dq.Picard(max_iter=50))
+    _, info = dq.fixed_point(f, {}, _x(), solver=dq.Picard(max_iter=50))
+    # residuals 2, 4, 24, 651, 4.6e5: the first above 1e4 x the smallest (2) stops it, at step 4
+    assert int(info.status) == dq.Status.DIVERGED and int(info.nstep) == 4
+    assert bool(torch.isfinite(info.residual)) and not bool(info.converged)
+    with pytest.raises(dq.FixedPointError, match=r"1 DIVERGED.*damp the iteration"):
+        dq.fixed_point(f, {}, _x(), solver=dq.Picard(max_iter=50), on_nonconvergence="raise")
 
 
 def test_nan_from_f_raises():
@@ -64,10 +68,14 @@ def test_nan_from_f_raises():
         dq.fixed_point(f, {}, _x())
 
 
-def test_non_finite_under_vmap_is_flagged_in_info():
-    f = lambda p, z, x: 10.0 * z**3 + x  # noqa: E731
-    _, info = torch.func.vmap(lambda x: dq.fixed_point(f, {}, x, solver=dq.Picard(max_iter=20), z0=torch.ones_like(x)))(_x())
-    assert not bool(info.converged.any()) and not bool(torch.isfinite(info.residual).any())
+def test_non_finite_and_runaway_under_vmap_are_flagged_in_info():
+    runaway = lambda p, z, x: 10.0 * z**3 + x  # noqa: E731
+    _, info = torch.func.vmap(lambda x: dq.fixed_point(runaway, {}, x, solver=dq.Picard(max_iter=20), z0=torch.ones_like(x)))(_x())
+    assert not bool(info.converged.any()) and bool((info.status == dq.Status.DIVERGED).all())
+    nan_f = lambda p, z, x: z * math.nan + x  # noqa: E731
+    _, info = torch.func.vmap(lambda x: dq.fixed_point(nan_f, {}, x, solver=dq.Picard(max_iter=20)))(_x())
+    assert bool((info.status == dq.Status.NONFINITE).all()) and not bool(torch.isfinite(info.residual).any())
+    assert info.nstep.tolist() == [0, 0]
 
 
 def test_non_convergence_is_reported_and_optionally_warned_or_raised():

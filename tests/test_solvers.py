@@ -136,7 +136,7 @@ def test_trace_records_every_residual():
     torch.testing.assert_close(info.trace[-1], info.residual)
     assert bool((info.trace[1:] < info.trace[:-1]).all())  # a contraction: residuals fall
     _, plain = dq.fixed_point(linear_f, {"A": A}, x, solver=dq.Picard(max_iter=6, tol=0.0))
-    assert plain._fields == ("nstep", "residual", "rel_residual", "converged")
+    assert plain._fields == ("nstep", "residual", "rel_residual", "converged", "status")
 
 
 def test_return_best_keeps_the_lowest_residual_iterate():

@@ -1,11 +1,11 @@
 """Fixed-point solvers: frozen dataclasses callable as ``solver(g, z0) -> (z, info)``."""
 
-from ._base import Solver
+from ._base import Solver, StepOptions
 from .anderson import Anderson
 from .broyden import Broyden
 from .picard import Picard
 
-__all__ = ["Solver", "Picard", "Anderson", "Broyden"]
+__all__ = ["Solver", "StepOptions", "Picard", "Anderson", "Broyden", "SOLVERS", "as_solver"]
 
 SOLVERS = {"picard": Picard, "anderson": Anderson, "broyden": Broyden}
 

@@ -1,28 +1,43 @@
-"""What every solver shares: the budget/tolerance fields, their validation, and ``__call__``."""
+"""What every solver shares: budget and stopping options, their validation, and the step protocol.
+
+A solver is a frozen set of hyperparameters with pure maths on ``(B, D)`` matrices:
+
+* ``init(z, gz) -> state``: a tuple of fixed-shape tensors (history buffers, counts);
+* ``step(state, z, gz, k, opts) -> (z_next, state)``: one update from the current
+  iterate ``z``, its image ``gz = g(z)`` and the iteration index ``k`` (a Python int
+  eagerly, a 0-dim int64 tensor inside ``torch.while_loop``).
+
+The loop (``_loop.py``) owns everything else: the budget, the stopping rule, masks,
+best-so-far, the trace. ``StepOptions`` carries the two things the caller decides:
+whether buffers may be written in place, and whether mixing coefficients are
+differentiated (a gradient-mode decision).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
-from .._loop import iterate
-from .._tree import describe, same_layout
+import torch
 
-
-def check_int(owner: str, name: str, value: Any, low: int) -> None:
-    """Raise ``ValueError`` unless ``value`` is an int ``>= low`` (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{owner}: {name} must be an integer >= {low}, got {value!r}")
+from .._checks import check_bool, check_finite_real, check_int, check_real
+from .._stopping import Rule
 
 
-def check_real(owner: str, name: str, value: Any, low: float, high: float, *, open_low: bool) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite real in ``(low, high]`` / ``[low, high]``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        interval = f"{'(' if open_low else '['}{low}, {high}{']' if high != math.inf else ')'}"
-        raise ValueError(f"{owner}: {name} must be a real number in {interval}, got {value!r}")
+class StepOptions(NamedTuple):
+    """How a step may treat its state (decided by the driver and the gradient mode).
+
+    Attributes:
+        inplace: write history buffers in place (eager solves that build no graph).
+        constant_mixing: treat the solver's data-dependent coefficients (Anderson's α,
+            Broyden's inverse-Jacobian pairs) as constants when a graph is built through
+            the iterations (``Unrolled``): their derivative multiplies the residual, which
+            vanishes at the fixed point, while past convergence they are rounding noise.
+    """
+
+    inplace: bool
+    constant_mixing: bool
 
 
 @dataclass(frozen=True)
@@ -30,23 +45,42 @@ class Solver:
     """Base of the fixed-point solvers: a frozen set of hyperparameters, no problem inside.
 
     Attributes:
-        max_iter: iteration budget K_max (>= 1).
-        tol: stop when ``rel_residual <= tol``; ``0.0`` runs exactly ``max_iter`` iterations.
-        return_best: (keyword only) return the iterate with the lowest residual seen
-            (per sample with ``per_sample=True``) instead of the last; ``info.best_step``
-            says which iteration it came from.
+        max_iter: iteration budget (>= 1).
+        tol: relative tolerance; a problem has converged when
+            ``‖f(z) − z‖ <= atol + tol · ‖f(z)‖``. ``tol = atol = 0`` runs exactly
+            ``max_iter`` iterations.
+        atol: (keyword) absolute tolerance, default 0.
+        divergence_ratio: (keyword) a problem whose residual exceeds this multiple of the
+            smallest residual it has had is stopped as ``Status.DIVERGED``; ``math.inf``
+            turns the rule off. Default 1e4.
+        check_every: (keyword) eagerly, read the status on the host once every this many
+            iterations (one device sync each; the iterations in between are masked, so
+            results do not depend on it). Default 1: on a CPU a read costs about a
+            microsecond; on a GPU, 4 to 16 cut the syncs.
+        return_best: (keyword) return the iterate with the lowest residual seen
+            (per problem) instead of the last; ``info.best_step`` says which iteration.
     """
 
     max_iter: int = 50
     tol: float = 1e-5
+    atol: float = field(default=0.0, kw_only=True)
+    divergence_ratio: float = field(default=1e4, kw_only=True)
+    check_every: int = field(default=1, kw_only=True)
     return_best: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         check_int(owner, "max_iter", self.max_iter, 1)
-        check_real(owner, "tol", self.tol, 0.0, math.inf, open_low=False)
-        if not isinstance(self.return_best, bool):
-            raise ValueError(f"{owner}: return_best must be a bool, got {self.return_best!r}")
+        check_finite_real(owner, "tol", self.tol, 0.0)
+        check_finite_real(owner, "atol", self.atol, 0.0)
+        check_real(owner, "divergence_ratio", self.divergence_ratio, 1.0, math.inf, open_low=True)
+        check_int(owner, "check_every", self.check_every, 1)
+        check_bool(owner, "return_best", self.return_best)
+
+    @property
+    def rule(self) -> Rule:
+        """The stopping rule these options define (see ``Status``)."""
+        return Rule(float(self.tol), float(self.atol), float(self.divergence_ratio))
 
     def __call__(self, g: Callable[[Any], Any], z0: Any, *, per_sample: bool = False, trace: bool = False):
         """Find a fixed point ``z = g(z)`` from ``z0`` (a tensor or pytree of tensors).
@@ -54,19 +88,16 @@ class Solver:
         Returns ``(g(z_K), info)``: one more application of ``g`` after the last
         iterate ``z_K`` (see ``Info``). No gradient mode is attached: call it under
         ``torch.no_grad()`` unless you mean to backpropagate through the iterations.
+        Non-finite iterates raise ``FixedPointError`` eagerly, as in ``fixed_point``.
         """
-        gz0 = g(z0)
-        if not same_layout(gz0, z0):
-            raise ValueError(
-                f"{type(self).__name__}: g(z) must return the structure and shapes of z; "
-                f"got {describe(gz0)} for z0 = {describe(z0)}"
-            )
-        out = iterate(self, g, z0, gz0, per_sample=per_sample, trace=trace)
-        return out.gz, out.info
+        # The driver depends on this protocol, not the other way round: the convenience
+        # entry hands the solver to it at call time.
+        from .._solve import solve_map
 
-    # Solver protocol on (B, D) matrices, implemented by subclasses.
-    def init(self, z, gz):  # pragma: no cover - abstract
+        return solve_map(self, g, z0, per_sample=per_sample, trace=trace)
+
+    def init(self, z: torch.Tensor, gz: torch.Tensor) -> tuple:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def step(self, state, z, gz, k: int):  # pragma: no cover - abstract
+    def step(self, state: tuple, z: torch.Tensor, gz: torch.Tensor, k: Any, opts: StepOptions) -> tuple:  # pragma: no cover
         raise NotImplementedError

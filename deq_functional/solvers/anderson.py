@@ -1,4 +1,4 @@
-"""Anderson acceleration (type II), batched over independent problems."""
+"""Anderson acceleration (type II), batched over independent problems, on fixed-shape buffers."""
 
 from __future__ import annotations
 
@@ -6,57 +6,54 @@ from dataclasses import dataclass
 
 import torch
 
-from ._base import Solver, check_int, check_real
+from .._checks import check_finite_real, check_int, check_real
+from .._flat import work_dtype, write_slot
+from ._base import Solver
 
 
-def mixing_coefficients(gram: torch.Tensor, lam: float) -> torch.Tensor:
-    r"""Solve ``min_α ‖Σᵢ αᵢ rᵢ‖²`` s.t. ``Σᵢ αᵢ = 1`` with a ridge relative to the Gram scale.
+def mixing_coefficients(gram: torch.Tensor, valid: torch.Tensor, lam: float) -> torch.Tensor:
+    r"""Solve ``min_α ‖Σᵢ αᵢ rᵢ‖²`` s.t. ``Σᵢ αᵢ = 1`` over the valid history slots.
 
     Args:
-        gram: ``(B, n, n)`` Gram matrix ``H = R Rᵀ`` of the residual history ``rᵢ = g(zᵢ) − zᵢ``.
-        lam: ridge λ relative to ``s = mean(diag H)``; it stays relative as the residuals
-            shrink, so Anderson does not degrade into averaging near convergence.
+        gram: ``(B, m, m)`` Gram matrix ``H = R Rᵀ`` of the residual history ``rᵢ = g(zᵢ) − zᵢ``
+            (entries of invalid slots are ignored).
+        valid: ``(m,)`` bool, the slots that hold history.
+        lam: ridge λ relative to ``s = mean(diag H)`` over the valid slots; it stays relative
+            as the residuals shrink, so Anderson does not degrade into averaging near convergence.
 
     Returns:
-        ``(B, n)`` coefficients α summing to 1, from ``(H/s + (λ+ε)I) w = 1``, ``α = w / Σw``
-        (ε the dtype's epsilon keeps an all-zero history finite). Cost: ``O(B n³)``.
+        ``(B, m)`` coefficients α summing to 1, zero on invalid slots, from
+        ``(H/s + (λ+ε)I) w = 1`` on the valid block and ``w = 0`` elsewhere, ``α = w / Σw``
+        (ε the dtype's epsilon keeps an all-zero history finite). With one valid slot this is
+        ``α = (1, 0, …)``: damped Picard. Cost ``O(B m³)``; ``solve_ex`` never syncs with the host.
     """
-    n = gram.shape[-1]
-    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1)[:, None, None] + torch.finfo(gram.dtype).tiny
-    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-    w = torch.linalg.solve(gram / scale + (lam + torch.finfo(gram.dtype).eps) * eye, torch.ones_like(gram[..., :1]))
-    return (w / w.sum(dim=1, keepdim=True))[..., 0]
-
-
-def extrapolate(alpha: torch.Tensor, iterates: torch.Tensor, residuals: torch.Tensor, beta: float) -> torch.Tensor:
-    """``z_next = Σᵢ αᵢ zᵢ + β Σᵢ αᵢ rᵢ = (1 − β) Σ αᵢ zᵢ + β Σ αᵢ g(zᵢ)``; shapes ``(B,n)``, ``(B,n,D)``."""
-    a = alpha[:, None, :]
-    return (a @ iterates)[:, 0] + beta * (a @ residuals)[:, 0]
-
-
-def write_slot(buffer: torch.Tensor, slot: int, item: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """``buffer[:, slot] = item`` for a ``(B, m, ...)`` ring buffer: in place when no graph is
-    being built, else out of place (``index_copy``) so autograd through the iterations works."""
-    if inplace:
-        buffer[:, slot] = item
-        return buffer
-    index = torch.tensor([slot], device=buffer.device)
-    return buffer.index_copy(1, index, item[:, None])
+    pair = valid[:, None] & valid[None, :]
+    diag = gram.diagonal(dim1=1, dim2=2)
+    scale = (diag * valid).sum(dim=1) / valid.sum() + torch.finfo(gram.dtype).tiny
+    system = torch.where(pair, gram / scale[:, None, None], 0.0)
+    ridge = torch.where(valid, lam + torch.finfo(gram.dtype).eps, 1.0).to(gram.dtype)
+    system = system + torch.diag_embed(ridge)
+    rhs = valid.to(gram.dtype)[:, None].expand(gram.shape[0], -1, 1)
+    w = torch.linalg.solve_ex(system, rhs, check_errors=False).result[..., 0]
+    return w / w.sum(dim=1, keepdim=True)
 
 
 @dataclass(frozen=True)
 class Anderson(Solver):
     r"""Anderson acceleration (Walker & Ni 2011, "Anderson acceleration for fixed-point iterations").
 
-    With the last ``n = min(k+1, m)`` iterates ``zᵢ`` and residuals ``rᵢ = g(zᵢ) − zᵢ``:
-    ``α = argmin ‖Σ αᵢ rᵢ‖ s.t. Σ αᵢ = 1`` (ridge-regularised), then
-    ``z_{k+1} = (1 − β) Σ αᵢ zᵢ + β Σ αᵢ g(zᵢ)``. With ``m = 1`` it is damped Picard.
-    Cost per iteration: one ``g`` call plus ``O(B m D)`` (the Gram matrix is updated
-    one row at a time) and an ``m × m`` solve; memory ``2 m B D``.
+    With the last ``n = min(k+1, m)`` iterates ``zᵢ``, images ``g(zᵢ)`` and residuals
+    ``rᵢ = g(zᵢ) − zᵢ``: ``α = argmin ‖Σ αᵢ rᵢ‖ s.t. Σ αᵢ = 1`` (ridge-regularised), then
+    ``z_{k+1} = Σ αᵢ g(zᵢ) − (1 − β) Σ αᵢ rᵢ = (1 − β) Σ αᵢ zᵢ + β Σ αᵢ g(zᵢ)``.
+    Iteration 0 (one valid slot) is damped Picard; with ``m = 1`` every step is.
+    The history lives in ring buffers ``(B, m, D)`` of ``g(zᵢ)`` and ``rᵢ`` with a validity
+    mask, so the state has a fixed shape (``torch.while_loop``); half-precision states keep
+    their history and the ``m × m`` solve in float32.
+    Cost per iteration: one ``g`` call, ``O(B m D)`` (one new Gram row, the combination;
+    a second combination when ``β < 1``) and an ``m × m`` solve; memory ``2 m B D``.
 
     Attributes:
-        max_iter: iteration budget.
-        tol: relative-residual tolerance (``0.0``: run all ``max_iter``).
+        max_iter, tol: budget and relative tolerance (see ``Solver`` for the keyword options).
         m: history size (paper: ``m``), ``>= 1``.
         beta: mixing / damping (paper: ``β_k``), in ``(0, 1]``.
         lam: ridge λ relative to the Gram matrix's scale, ``>= 0``.
@@ -64,7 +61,7 @@ class Anderson(Solver):
     Example:
         >>> import torch, deq_functional as dq
         >>> A = torch.tensor([[0.9, 0.05], [0.0, 0.9]])
-        >>> z, info = dq.Anderson(tol=1e-10)(lambda z: A @ z + 1.0, torch.zeros(2))
+        >>> z, info = dq.Anderson(tol=1e-6)(lambda z: A @ z + 1.0, torch.zeros(2))
         >>> bool(info.converged)
         True
 
@@ -79,30 +76,32 @@ class Anderson(Solver):
         super().__post_init__()
         check_int("Anderson", "m", self.m, 1)
         check_real("Anderson", "beta", self.beta, 0.0, 1.0, open_low=True)
-        check_real("Anderson", "lam", self.lam, 0.0, float("inf"), open_low=False)
+        check_finite_real("Anderson", "lam", self.lam, 0.0)
 
     def init(self, z, gz):
-        """Ring buffers of iterates and residuals ``(B, m, D)`` and their Gram matrix ``(B, m, m)``."""
-        zeros = torch.zeros_like(z)[:, None].repeat(1, self.m, 1)  # batched like z under vmap
-        return zeros, zeros.clone(), torch.zeros_like(zeros[:, :, :1]).repeat(1, 1, self.m)
+        """Ring buffers of images and residuals ``(B, m, D)`` and their Gram matrix ``(B, m, m)``."""
+        batch, dim = z.shape
+        dtype = work_dtype(z.dtype)
+        history = z.new_zeros((batch, self.m, dim), dtype=dtype)
+        return history, history.clone(), z.new_zeros((batch, self.m, self.m), dtype=dtype)
 
-    def step(self, state, z, gz, k):
-        iterates, residuals, gram = state
-        building_graph = torch.is_grad_enabled() and (z.requires_grad or gz.requires_grad)
-        slot, n = k % self.m, min(k + 1, self.m)  # slots 0..n-1 hold the history
-        r = gz - z
-        iterates = write_slot(iterates, slot, z, not building_graph)
-        residuals = write_slot(residuals, slot, r, not building_graph)
-        row = (residuals @ r[:, :, None])[..., 0]  # (B, m): rᵢ · r, one new Gram row: O(B m D)
-        gram = write_slot(gram, slot, row, not building_graph)
-        gram = write_slot(gram.transpose(1, 2), slot, row, not building_graph).transpose(1, 2)
-        if n == 1:
-            return z + self.beta * r, (iterates, residuals, gram)
-        alpha = mixing_coefficients(gram[:, :n, :n], self.lam)
-        if building_graph:
+    def step(self, state, z, gz, k, opts):
+        images, residuals, gram = state
+        slot = k % self.m
+        r = (gz - z).to(images.dtype)
+        images = write_slot(images, 1, slot, gz, opts.inplace)
+        residuals = write_slot(residuals, 1, slot, r, opts.inplace)
+        row = (residuals @ r[:, :, None])[..., 0]  # (B, m): rᵢ · r, the one new Gram row
+        gram = write_slot(write_slot(gram, 1, slot, row, opts.inplace), 2, slot, row, opts.inplace)
+        valid = torch.arange(self.m, device=z.device) <= k
+        alpha = mixing_coefficients(gram, valid, self.lam)
+        if opts.constant_mixing:
             # Unrolled: differentiate through the iterates, not through α. dα/dθ multiplies
             # residuals that vanish at convergence, but the ill-conditioned Gram solve makes
             # that product blow up numerically (seen: a 1e3× gradient after 100 iterations).
             alpha = alpha.detach()
-        z_next = extrapolate(alpha, iterates[:, :n], residuals[:, :n], self.beta)
-        return z_next, (iterates, residuals, gram)
+        a = alpha[:, None, :]
+        z_next = (a @ images)[:, 0]
+        if self.beta != 1.0:
+            z_next = z_next - (1.0 - self.beta) * (a @ residuals)[:, 0]
+        return z_next.to(z.dtype), (images, residuals, gram)

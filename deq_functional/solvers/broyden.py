@@ -1,29 +1,36 @@
-"""Limited-memory ("good") Broyden on ``F(z) = g(z) − z``, batched over independent problems."""
+"""Limited-memory ("good") Broyden on ``F(z) = g(z) − z``, batched, on fixed-shape pair stacks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ._base import Solver, check_int
+from .._checks import check_int
+from .._flat import first_slots, select, work_dtype, write_slot
+from ._base import Solver
 
 
-def apply_inverse(us: torch.Tensor | None, vs: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
-    """``Ĵ⁻¹ w = −w + Σᵢ uᵢ (vᵢ · w)`` for ``w (B, D)`` with stacked pairs ``us, vs (B, n, D)``."""
-    if us is None:
-        return -w
-    coef = vs @ w[:, :, None]  # (B, n, 1)
+def low_rank_inverse(us: torch.Tensor, vs: torch.Tensor, pairs: Any, w: torch.Tensor) -> torch.Tensor:
+    """``Ĵ⁻¹ w = −w + Σᵢ uᵢ (vᵢ · w)`` over the pairs in use; ``Ĵ⁻ᵀ w`` is ``low_rank_inverse(vs, us, ...)``.
+
+    Args:
+        us, vs: ``(B, M, D)`` pair stacks.
+        pairs: the pairs in use, from :func:`first_slots`: an int ``n`` (the first n, sliced)
+            or an ``(M,)`` bool mask.
+        w: ``(B, D)``.
+
+    Cost: two passes over the used pairs, ``O(B n D)``.
+    """
+    if isinstance(pairs, int):
+        if pairs == 0:
+            return -w
+        us, vs = us[:, :pairs], vs[:, :pairs]
+        coef = vs @ w[:, :, None]
+    else:
+        coef = (vs @ w[:, :, None]) * pairs[:, None]
     return (coef.transpose(1, 2) @ us)[:, 0] - w
-
-
-def apply_inverse_transposed(us: torch.Tensor | None, vs: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
-    """``Ĵ⁻ᵀ w = −w + Σᵢ vᵢ (uᵢ · w)`` for ``(B, D)`` vectors."""
-    return apply_inverse(vs, us, w)
-
-
-def _append(stack: torch.Tensor | None, item: torch.Tensor) -> torch.Tensor:
-    return item[:, None] if stack is None else torch.cat([stack, item[:, None]], dim=1)
 
 
 @dataclass(frozen=True)
@@ -31,23 +38,27 @@ class Broyden(Solver):
     r"""Limited-memory Broyden's "good" method (Broyden 1965) on ``F(z) = g(z) − z``.
 
     Keeps ``Ĵ⁻¹ ≈ (∂F/∂z)⁻¹ = −I + Σᵢ uᵢ vᵢᵀ`` (starting at ``−I``, so the first step is
-    Picard) and steps ``z_{k+1} = z_k − Ĵ⁻¹ F(z_k)``. After each step, with
-    ``Δz = z_{k+1} − z_k`` and ``ΔF = F(z_{k+1}) − F(z_k)`` (Sherman–Morrison form):
-    ``v = Ĵ⁻ᵀ Δz``, ``u = (Δz − Ĵ⁻¹ ΔF) / (vᵀ ΔF)``. When the memory is full the
-    approximation restarts from ``−I`` (restarted Broyden): dropping only the oldest
-    pair was seen to diverge on slowly contracting symmetric maps, restarting kept
-    converging (tests/test_solvers.py). A pair
-    with ``|vᵀΔF| ≈ 0`` (e.g. a frozen, converged sample) is skipped.
-    Cost per iteration: one ``g`` call plus ``O(B · memory · D)``; memory ``2 · memory · B D``.
+    Picard) and steps ``z_{k+1} = z_k − Ĵ⁻¹ F(z_k)``. Each iteration first adds the pair
+    from the last step, with ``Δz = z_k − z_{k−1}`` and ``ΔF = F(z_k) − F(z_{k−1})``
+    (Sherman–Morrison form): ``v = Ĵ⁻ᵀ Δz``, ``u = (Δz − Ĵ⁻¹ ΔF) / (vᵀ ΔF)``.
+    Restarted Broyden: the pairs fill the ``memory`` slots of a ring; when it is full the
+    approximation restarts from ``−I`` and the new pair is computed against ``−I`` itself
+    (pairing it with the discarded estimate made ``memory=1`` blow up). A pair with
+    ``|vᵀΔF| ≈ 0`` (a frozen, converged problem; the first iteration) is stored as zeros,
+    which act as nothing. ``Ĵ⁻¹ΔF`` costs no pass over the pairs: ``Ĵ⁻¹ΔF = Ĵ⁻¹F(z_k) + Δz``
+    because the last step was ``Δz = −Ĵ⁻¹F(z_{k−1})`` with the same ``Ĵ``.
+    Half-precision states keep the pairs in float32. Under ``Unrolled`` the pairs are held
+    constant (``StepOptions.constant_mixing``), like Anderson's α.
+    Cost per iteration: one ``g`` call plus two passes over the pairs, ``O(B · memory · D)``;
+    memory ``2 · memory · B D``.
 
     Attributes:
-        max_iter: iteration budget.
-        tol: relative-residual tolerance (``0.0``: run all ``max_iter``).
+        max_iter, tol: budget and relative tolerance (see ``Solver`` for the keyword options).
         memory: number of rank-one pairs kept, ``>= 1``.
 
     Example:
         >>> import torch, deq_functional as dq
-        >>> z, info = dq.Broyden(tol=1e-10)(lambda z: 0.5 * torch.tanh(z) + 1.0, torch.zeros(4))
+        >>> z, info = dq.Broyden(tol=1e-6)(lambda z: 0.5 * torch.tanh(z) + 1.0, torch.zeros(4))
         >>> bool(info.converged)
         True
 
@@ -61,20 +72,34 @@ class Broyden(Solver):
         check_int("Broyden", "memory", self.memory, 1)
 
     def init(self, z, gz):
-        return None, None, None, None  # us (B,n,D), vs (B,n,D), previous z and F
+        """Pair stacks ``us, vs (B, memory, D)`` (zeros), and the previous iterate and ``F``."""
+        batch, dim = z.shape
+        dtype = work_dtype(z.dtype)
+        us = z.new_zeros((batch, self.memory, dim), dtype=dtype)
+        return us, us.clone(), z.to(dtype), (gz - z).to(dtype)
 
-    def step(self, state, z, gz, k):
+    def step(self, state, z, gz, k, opts):
         us, vs, z_prev, F_prev = state
-        F = gz - z
-        if z_prev is not None:
-            dz, dF = z - z_prev, F - F_prev
-            v = apply_inverse_transposed(us, vs, dz)
-            den = (v * dF).sum(dim=1, keepdim=True)
-            safe = den.abs() > torch.finfo(den.dtype).eps * (
-                torch.linalg.vector_norm(v, dim=1, keepdim=True) * torch.linalg.vector_norm(dF, dim=1, keepdim=True)
-            )
-            u = torch.where(safe, (dz - apply_inverse(us, vs, dF)) / torch.where(safe, den, torch.ones_like(den)), 0.0)
-            if us is not None and us.shape[1] == self.memory:  # memory full: restart from Ĵ⁻¹ = −I
-                us, vs = None, None
-            us, vs = _append(us, u), _append(vs, v)
-        return z - apply_inverse(us, vs, F), (us, vs, z, F)
+        dtype = us.dtype
+        zw, F = z.to(dtype), (gz - z).to(dtype)
+        dz, dF = zw - z_prev, F - F_prev
+        slot = k % self.memory
+        restart = slot == 0  # the ring is full (or empty): start again from Ĵ⁻¹ = −I
+        pairs = first_slots(slot, self.memory, z.device)  # pairs of this cycle, before this one
+        inv_F = low_rank_inverse(us, vs, pairs, F)
+        inv_dF = inv_F + select(restart, F_prev, dz)  # Ĵ⁻¹F − Ĵ⁻¹F_prev, with Ĵ⁻¹F_prev = −Δz or −F_prev
+        v = low_rank_inverse(vs, us, pairs, dz)
+        den = (v * dF).sum(dim=1, keepdim=True)
+        scale = torch.linalg.vector_norm(v, dim=1, keepdim=True) * torch.linalg.vector_norm(dF, dim=1, keepdim=True)
+        safe = den.abs() > torch.finfo(dtype).eps * scale
+        u = torch.where(safe, (dz - inv_dF) / torch.where(safe, den, torch.ones_like(den)), 0.0)
+        v = torch.where(safe, v, 0.0)
+        if opts.constant_mixing:
+            # Unrolled: differentiate through F(z_k), with the inverse-Jacobian estimate held
+            # constant (its derivative multiplies F, which vanishes at the fixed point; past
+            # convergence the secant pairs are rounding noise whose derivative is huge).
+            u, v = u.detach(), v.detach()
+        us = write_slot(us, 1, slot, u, opts.inplace)
+        vs = write_slot(vs, 1, slot, v, opts.inplace)
+        inv_F = inv_F + u * (v * F).sum(dim=1, keepdim=True)  # the new pair's term
+        return (zw - inv_F).to(z.dtype), (us, vs, zw, F)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._base import Solver, check_real
+from .._checks import check_real
+from ._base import Solver
 
 
 @dataclass(frozen=True)
@@ -16,8 +17,8 @@ class Picard(Solver):
     (Krasnosel'skii–Mann). Cost per iteration: one ``g`` call, no memory beyond ``z``.
 
     Attributes:
-        max_iter: iteration budget.
-        tol: relative-residual tolerance (``0.0``: run all ``max_iter``).
+        max_iter, tol: budget and relative tolerance (see ``Solver`` for ``atol``,
+            ``divergence_ratio``, ``check_every``, ``return_best``).
         damping: ``β ∈ (0, 1]``; 1 is the plain iteration ``z ← g(z)``.
 
     Example:
@@ -36,9 +37,9 @@ class Picard(Solver):
         check_real("Picard", "damping", self.damping, 0.0, 1.0, open_low=True)
 
     def init(self, z, gz):
-        return None
+        return ()
 
-    def step(self, state, z, gz, k):
+    def step(self, state, z, gz, k, opts):
         if self.damping == 1.0:
             return gz, state
         return z + self.damping * (gz - z), state

@@ -1,0 +1,108 @@
+"""How often ``Loop.body`` runs, and what is read on the host: the three drivers.
+
+==================  ==========================================  ===========================
+driver              where                                       stops
+==================  ==========================================  ===========================
+``run_eager``       values readable (eager, incl. torch.func.grad)  when a host read of the
+                                                                status finds no problem
+                                                                running; one read every
+                                                                ``check_every`` iterations
+``run_while_loop``  under ``torch.compile``, no graph through    inside the graph, once no
+                    the iterations                              problem is running
+                                                                (``torch.while_loop``)
+``run_budget``      ``vmap`` (no ``while_loop`` rule), or a     never: the whole
+                    graph through the iterations under compile,  ``max_iter`` budget, stopped
+                    or ``return_trajectory`` under compile       problems masked
+==================  ==========================================  ===========================
+
+All three run the same body, so ``z_star``, ``nstep`` and ``status`` agree per problem.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._loop import Loop, LoopState
+from ._stopping import RUNNING
+from ._tree import flatten, unflatten
+
+
+class Run(NamedTuple):
+    """A finished loop: its last state, the status codes if they were read on the host
+    (eager; ``None`` otherwise), and the detached iterates when they were kept."""
+
+    state: LoopState
+    host_status: list | None
+    states: list
+
+
+def read_host(t: torch.Tensor) -> list:
+    """The one place a solve reads values on the host (a device sync); tests count calls here."""
+    return t.tolist()
+
+
+def run_eager(loop: Loop, s: LoopState, *, keep_states: bool = False) -> Run:
+    """Python loop; reads the status at ``k = 0, c, 2c, …`` (``c = check_every``) and once at the end
+    of the budget: at most ``ceil(K / c) + 1`` reads for ``K`` iterations."""
+    max_iter, every = loop.solver.max_iter, loop.solver.check_every
+    states = []
+    k = 0
+    codes = None
+    while k < max_iter:
+        if k % every == 0:
+            codes = read_host(s.status)
+            if RUNNING not in codes:
+                return Run(s, codes, states)
+        s = loop.body(k, s)
+        k += 1
+        codes = None
+        if keep_states:
+            states.append(s.z.detach())
+    if codes is None:
+        codes = read_host(loop.rule.final(s.status, s.res, s.scale))
+    return Run(s, codes, states)
+
+
+def run_budget(loop: Loop, s: LoopState, *, keep_states: bool = False) -> Run:
+    """Python loop over the whole budget with stopped problems masked; reads nothing."""
+    states = []
+    for k in range(loop.solver.max_iter):
+        s = loop.body(k, s)
+        if keep_states:
+            states.append(s.z.detach())
+    return Run(s, None, states)
+
+
+def run_while_loop(loop: Loop, s: LoopState) -> Run:
+    """``torch.while_loop`` over ``(k, *state)``: Dynamo traces one iteration whatever ``max_iter``
+    is, and the loop ends once no problem is running. ``k`` is a 0-dim int64 tensor."""
+    leaves, spec = flatten(s)
+    max_iter = loop.solver.max_iter
+
+    def cond(k, *leaves):
+        status = unflatten(spec, leaves).status
+        return (k < max_iter) & (status == RUNNING).any()
+
+    def body(k, *leaves):
+        new = flatten(loop.body(k, unflatten(spec, leaves)))[0]
+        return (k + 1, *_unaliased(new, leaves))
+
+    k0 = torch.zeros((), dtype=torch.int64, device=s.z.device)
+    # Fresh copies: an initial carry may also be a tensor the body closes over (IFT's
+    # cotangent is g(u_0) and a term of g), and while_loop refuses aliased operands.
+    out = torch.while_loop(cond, body, (k0, *[t.clone() for t in leaves]))
+    return Run(unflatten(spec, list(out[1:])), None, [])
+
+
+def _unaliased(tensors: list, inputs) -> list:
+    """Body outputs with clones wherever one is an input or repeats an earlier one (a solver
+    may pass a tensor through): ``torch.while_loop`` forbids outputs that alias its inputs
+    or each other."""
+    seen = list(inputs)
+    out = []
+    for t in tensors:
+        out.append(t.clone() if any(t is u for u in seen) else t)
+        seen.append(t)
+    return out

@@ -1,0 +1,132 @@
+"""Solve ``z = g(z)`` on a pytree: pick the driver for where we run, run the loop, report.
+
+Shared by the forward solve of ``fixed_point``, IFT's adjoint solve and the
+standalone ``solver(g, z0)`` call.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from ._drivers import run_budget, run_eager, run_while_loop
+from ._flat import FlatView
+from ._info import FixedPointError, FixedPointWarning, Info, Status
+from ._loop import Loop
+from ._transforms import Regime, regime
+from ._tree import describe, same_layout
+from .solvers._base import Solver, StepOptions
+
+
+class Solution(NamedTuple):
+    """``z`` (= z_K, or the best iterate) and ``gz = g(z)`` as pytrees, the report, the status
+    codes read on the host (eager only, else ``None``), and the kept iterates ``(B, D)``."""
+
+    z: Any
+    gz: Any
+    info: Info
+    host_status: list | None
+    states: list
+    view: FlatView
+
+
+def iterate(
+    solver: Solver,
+    g: Callable[[Any], Any],
+    z0: Any,
+    gz0: Any,
+    *,
+    per_sample: bool,
+    what: str,
+    trace: bool = False,
+    keep_states: bool = False,
+    graph: bool = False,
+    constant_mixing: bool = False,
+) -> Solution:
+    """Run ``solver`` on ``z = g(z)`` from ``z0`` (``gz0 = g(z0)`` already evaluated).
+
+    Args:
+        per_sample: the leading dim of every leaf indexes independent problems.
+        what: names the solve in errors and warnings ("fixed_point: the forward solve").
+        trace, keep_states: keep every residual / every iterate.
+        graph: an autograd graph is built through the iterations (``Unrolled``): buffers
+            are written out of place and, under compile, the masked budget runs.
+        constant_mixing: see ``StepOptions``.
+
+    Raises:
+        FixedPointError: eagerly, when a problem ends NONFINITE.
+
+    Cost: ``K`` calls of ``g`` plus the solver's own work, ``K ≤ solver.max_iter``.
+    """
+    view = FlatView(z0, per_sample, owner=what.split(":")[0])
+    z, gz = view.to_flat(z0), view.to_flat(gz0)
+    where = regime(gz)
+    eager = where is Regime.EAGER
+    if where is not Regime.COMPILED:
+        _warn_if_tol_unreachable(solver, z, what)
+    single_read_each_step = eager and z.shape[0] == 1 and solver.check_every == 1
+    loop = Loop(
+        solver,
+        lambda flat: view.to_flat(g(view.from_flat(flat))),
+        freeze=not single_read_each_step,
+        opts=StepOptions(inplace=eager and not graph, constant_mixing=constant_mixing),
+        trace=trace,
+    )
+    start = loop.init(z, gz)
+    if eager:
+        run = run_eager(loop, start, keep_states=keep_states)
+    elif where is Regime.COMPILED and not graph and not keep_states:
+        run = run_while_loop(loop, start)
+    else:
+        run = run_budget(loop, start, keep_states=keep_states)
+    z, gz, info = loop.finish(run.state, per_sample)
+    if run.host_status is not None and Status.NONFINITE in run.host_status:
+        _raise_nonfinite(info, what)
+    return Solution(view.from_flat(z), view.from_flat(gz), info, run.host_status, run.states, view)
+
+
+def solve_map(solver: Solver, g: Callable[[Any], Any], z0: Any, *, per_sample: bool, trace: bool) -> tuple[Any, Info]:
+    """``solver(g, z0)``: check ``g``'s output layout, solve, return ``(g(z_K), info)``."""
+    owner = type(solver).__name__
+    gz0 = g(z0)
+    if not same_layout(gz0, z0):
+        raise ValueError(f"{owner}: g(z) must return the structure and shapes of z; got {describe(gz0)} for z0 = {describe(z0)}")
+    out = iterate(solver, g, z0, gz0, per_sample=per_sample, what=owner, trace=trace)
+    return out.gz, out.info
+
+
+def _raise_nonfinite(info: Info, what: str) -> None:
+    bad = (info.status == Status.NONFINITE).reshape(-1)
+    steps = sorted(set(info.nstep.reshape(-1)[bad].tolist()))
+    raise FixedPointError(
+        f"{what}: non-finite iterate at step {', '.join(map(str, steps))}: "
+        f"residual {info.residual.reshape(-1)[bad].tolist()} "
+        f"({int(bad.sum())} of {bad.numel()} problem(s)). Try: {Status.NONFINITE.advice}."
+    )
+
+
+def resolution(dtype: torch.dtype, device_type: str) -> float:
+    """Relative resolution of the arithmetic f runs in: the state's epsilon, or autocast's when it is on."""
+    eps = torch.finfo(dtype).eps
+    if torch.is_autocast_enabled(device_type):
+        eps = max(eps, torch.finfo(torch.get_autocast_dtype(device_type)).eps)
+    return eps
+
+
+def _warn_if_tol_unreachable(solver: Solver, z: torch.Tensor, what: str) -> None:
+    """Warn (``FixedPointWarning``) when f runs in half precision (a float16/bfloat16 state, or
+    autocast) and ``0 < tol`` is below its resolution, so that every solve would silently run its
+    whole budget (e.g. the default 1e-5 under bfloat16, epsilon 7.8e-3)."""
+    eps = resolution(z.dtype, z.device.type)
+    if eps > torch.finfo(torch.float32).eps and 0 < solver.tol < eps and solver.atol == 0:
+        warnings.warn(
+            f"{what}: tol={solver.tol:g} is below the resolution of the arithmetic (epsilon {eps:.2g} "
+            f"in {'autocast' if torch.is_autocast_enabled(z.device.type) else 'the state dtype'}): "
+            f"the relative residual cannot reach it, so every solve would run all "
+            f"max_iter={solver.max_iter} iterations. Pass tol >= {eps:.2g} (or an atol) "
+            f"to {type(solver).__name__}.",
+            FixedPointWarning,
+            stacklevel=4,
+        )

@@ -1,0 +1,67 @@
+"""The stopping rule: when a problem has converged, run away, or gone non-finite.
+
+With ``r = ‖f(z) − z‖`` and ``s = ‖f(z)‖`` (row norms of the ``(B, D)`` state, in
+float32 for half-precision states), checked after every iteration, per problem:
+
+* NONFINITE when ``r`` or ``s`` is NaN/Inf (a non-finite iterate, or a norm that
+  overflowed: overflow never passes for convergence);
+* DIVERGED when ``r > divergence_ratio · max(r_min, ε·s)``, ``r_min`` the smallest
+  residual seen so far and ε the dtype's epsilon (the floor keeps rounding noise around
+  an exact fixed point, where ``r_min = 0``, from counting as growth). A residual that
+  grows geometrically by a factor ``q`` per iteration is stopped after
+  ``log(divergence_ratio) / log(q)`` iterations: 14 for ``q = 2`` with the default 1e4;
+* CONVERGED when ``r <= atol + tol · s`` (only checked while iterating when
+  ``tol > 0`` or ``atol > 0``; ``tol = atol = 0`` runs the whole budget);
+* otherwise it keeps running; when the budget ends it is MAX_ITER (or CONVERGED if
+  the rule holds at the last iterate, e.g. an exact fixed point with ``tol = 0``).
+
+A problem that stops is frozen: its iterate, residual and ``nstep`` no longer change.
+A map with no fixed point (``f(z) = z + 1``) keeps ``r`` constant, so it never passes
+the relative test unless ``‖f(z)‖`` grows past ``r / tol`` (1e5·r for the default tol).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._info import Status
+
+RUNNING = -1  # internal status code of a problem still iterating
+
+
+class Rule(NamedTuple):
+    """The static numbers of the stopping rule (Python floats: constants under compile)."""
+
+    tol: float
+    atol: float
+    divergence_ratio: float
+
+    @property
+    def stops_early(self) -> bool:
+        """False for ``tol = atol = 0``: run exactly ``max_iter`` iterations."""
+        return self.tol > 0 or self.atol > 0
+
+    def converged(self, res: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``res <= atol + tol · scale`` (non-finite inputs give False)."""
+        return res <= self.atol + self.tol * scale
+
+    def update(self, status: torch.Tensor, res: torch.Tensor, scale: torch.Tensor, res_min: torch.Tensor) -> torch.Tensor:
+        """New status codes after an iteration; only problems still RUNNING can change."""
+        eps = torch.finfo(res.dtype).eps
+        code = torch.where(res > self.divergence_ratio * torch.maximum(res_min, eps * scale), int(Status.DIVERGED), RUNNING)
+        if self.stops_early:
+            code = torch.where(self.converged(res, scale), int(Status.CONVERGED), code)
+        code = torch.where(torch.isfinite(res + scale), code, int(Status.NONFINITE))
+        return torch.where(status == RUNNING, code, status)
+
+    def initial(self, res: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Status of ``z0`` itself (it may already be converged, or non-finite)."""
+        status = torch.full(res.shape, RUNNING, dtype=torch.int64, device=res.device)
+        return self.update(status, res, scale, torch.full_like(res, torch.inf))
+
+    def final(self, status: torch.Tensor, res: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Status when the loop ends: problems still RUNNING become CONVERGED or MAX_ITER."""
+        done = torch.where(self.converged(res, scale), int(Status.CONVERGED), int(Status.MAX_ITER))
+        return torch.where(status == RUNNING, done, status)
