@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,examples]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,7 +20,7 @@ demo: install
 
 # Benchmarks (bench/, never collected by `make test`). BENCH_ARGS="--device cuda" on a GPU.
 bench: install
-	$(PIP) install -q -e '.[test,bench]'
+	$(PIP) install -q -e '.[test,examples,bench]'
 	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/latest.json -q $(BENCH_ARGS)
 	$(PY) bench/make_results.py bench/latest.json bench/RESULTS.md
 
