@@ -20,11 +20,13 @@ All three run the same body, so ``z_star``, ``nstep`` and ``status`` agree per p
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from ._loop import Loop, LoopState
+from ._info import Status
 from ._stopping import RUNNING
 from ._tree import flatten, unflatten
 
@@ -63,6 +65,33 @@ def run_eager(loop: Loop, s: LoopState, *, keep_states: bool = False) -> Run:
     if codes is None:
         codes = read_host(loop.rule.final(s.status, s.res, s.scale))
     return Run(s, codes, states)
+
+
+def run_eager_single(loop: Loop, s: LoopState, *, keep_states: bool = False) -> Run:
+    """One problem, ``check_every=1``: after every iteration one read of ``(‖g(z)−z‖, ‖g(z)‖)``,
+    classified on the host by the same rule (no status tensors on the device, no masks):
+    ``K + 1`` reads for ``K`` iterations. The loop's ``Loop`` must have ``host_status=True``."""
+    rule, eps = loop.rule, torch.finfo(s.res.dtype).eps
+    res, scale = read_host(torch.cat([s.res, s.scale]))
+    res_min, code, k = math.inf, rule.update_host(RUNNING, res, scale, math.inf, eps), 0
+    states = []
+    while code == RUNNING and k < loop.solver.max_iter:
+        s = loop.body(k, s)
+        k += 1
+        if keep_states:
+            states.append(s.z.detach())
+        res_min = min(res_min, res)
+        res, scale = read_host(torch.cat([s.res, s.scale]))
+        code = rule.update_host(code, res, scale, res_min, eps)
+    if code == RUNNING:
+        code = int(Status.CONVERGED) if rule.converged(res, scale) else int(Status.MAX_ITER)
+    device = s.res.device
+    s = s._replace(
+        status=torch.tensor([code], device=device),
+        nstep=torch.tensor([k], device=device),
+        res_min=torch.tensor([min(res_min, res)], dtype=s.res.dtype, device=device),
+    )
+    return Run(s, [code], states)
 
 
 def run_budget(loop: Loop, s: LoopState, *, keep_states: bool = False) -> Run:

@@ -101,8 +101,14 @@ def select(cond: Any, a: Any, b: Any) -> Any:
 
 
 def first_slots(n: Any, size: int, device: torch.device) -> Any:
-    """The slots ``0..n-1`` of a ring of ``size``: ``n`` itself when it is an int (eager, sliceable),
-    else a ``(size,)`` bool mask (``n`` a 0-dim tensor inside ``torch.while_loop``)."""
+    """The slots ``0..min(n, size)-1`` of a ring of ``size``: an int when ``n`` is one (eager: the
+    buffers are sliced, no mask), else a ``(size,)`` bool mask (``n`` a 0-dim tensor inside
+    ``torch.while_loop``, where shapes cannot change with the iteration)."""
     if isinstance(n, int):
-        return n
+        return min(n, size)
     return torch.arange(size, device=device) < n
+
+
+def used_slots(buffer: torch.Tensor, slots: Any) -> torch.Tensor:
+    """``buffer[:, :slots]`` for an int from :func:`first_slots`, else the whole ``(B, size, ...)`` buffer."""
+    return buffer[:, :slots] if isinstance(slots, int) else buffer

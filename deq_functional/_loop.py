@@ -23,7 +23,7 @@ class LoopState(NamedTuple):
     """Everything carried from one iteration to the next (all tensors; empty tuples when unused).
 
     Attributes:
-        z, gz: ``(B, D)`` iterate and its image ``g(z)``.
+        z, gz, r: ``(B, D)`` iterate, its image ``g(z)`` and the residual ``g(z) − z``.
         res, scale: ``(B,)`` ``‖g(z) − z‖`` and ``‖g(z)‖`` (float32 for half states).
         res_min: ``(B,)`` smallest residual so far (the divergence rule).
         status: ``(B,)`` int64, ``RUNNING`` or a final ``Status`` code.
@@ -35,6 +35,7 @@ class LoopState(NamedTuple):
 
     z: torch.Tensor
     gz: torch.Tensor
+    r: torch.Tensor
     res: torch.Tensor
     scale: torch.Tensor
     res_min: torch.Tensor
@@ -55,14 +56,21 @@ class Loop:
             between host reads: per-problem batches, ``check_every > 1``, compile, vmap).
         opts: in-place writes / constant mixing, passed to the solver's step.
         trace: keep the residual of every iteration.
+        host_status: the driver classifies on the host (eager, one problem, a read after every
+            iteration): the body leaves ``status``, ``nstep`` and ``res_min`` alone.
     """
 
-    def __init__(self, solver: Solver, g: Callable[[torch.Tensor], torch.Tensor], *, freeze: bool, opts: StepOptions, trace: bool):
+    def __init__(
+        self, solver: Solver, g: Callable[[torch.Tensor], torch.Tensor], *,
+        freeze: bool, opts: StepOptions, trace: bool, host_status: bool = False,
+    ):
         self.solver, self.g, self.freeze, self.opts, self.trace = solver, g, freeze, opts, trace
+        self.host_status = host_status
         self.rule = solver.rule
 
     def init(self, z: torch.Tensor, gz: torch.Tensor) -> LoopState:
-        res, scale = _norms(z, gz)
+        r = gz - z
+        res, scale = row_norms(r), row_norms(gz)
         status = self.rule.initial(res, scale)
         nstep = torch.zeros(res.shape, dtype=torch.int64, device=res.device)
         best = (z, gz, res, nstep) if self.solver.return_best else ()
@@ -72,19 +80,25 @@ class Loop:
             trace = (write_slot(rows, 0, 0, res, self.opts.inplace),)
         with _no_autocast(z):
             solver_state = self.solver.init(z, gz)
-        return LoopState(z, gz, res, scale, res, status, nstep, best, trace, solver_state)
+        return LoopState(z, gz, r, res, scale, res, status, nstep, best, trace, solver_state)
 
     def body(self, k: Any, s: LoopState) -> LoopState:
         """Iteration ``k`` (int, or 0-dim int64 tensor inside ``torch.while_loop``): ``z_k -> z_{k+1}``."""
-        running = s.status == RUNNING
         with _no_autocast(s.z):
-            z, solver_state = self.solver.step(s.solver, s.z, s.gz, k, self.opts)
-        if self.freeze:
-            z = torch.where(running[:, None], z, s.z)
+            z, solver_state = self.solver.step(s.solver, s.z, s.gz, s.r, k, self.opts)
+        if self.host_status:  # runs only while the one problem is running
+            running = None
+            status, nstep, res_min = s.status, s.nstep, s.res_min
+        else:
+            running = s.status == RUNNING
+            if self.freeze:
+                z = torch.where(running[:, None], z, s.z)
         gz = self.g(z)
-        res, scale = _norms(z, gz)
-        status = self.rule.update(s.status, res, scale, s.res_min)
-        nstep = s.nstep + running
+        r = gz - z
+        res, scale = row_norms(r), row_norms(gz)
+        if running is not None:
+            status = self.rule.update(s.status, res, scale, s.res_min)
+            nstep, res_min = s.nstep + running, torch.minimum(s.res_min, res)
         best = s.best
         if best:
             better = res < best[2]
@@ -92,13 +106,13 @@ class Loop:
                 torch.where(better[:, None], z, best[0]),
                 torch.where(better[:, None], gz, best[1]),
                 torch.where(better, res, best[2]),
-                torch.where(better, nstep, best[3]),
+                torch.where(better, k + 1 if running is None else nstep, best[3]),
             )
         trace = s.trace
         if trace:
-            row = torch.where(running, res, torch.nan)
+            row = res if running is None else torch.where(running, res, torch.nan)
             trace = (write_slot(trace[0], 0, k + 1, row, self.opts.inplace),)
-        return LoopState(z, gz, res, scale, torch.minimum(s.res_min, res), status, nstep, best, trace, solver_state)
+        return LoopState(z, gz, r, res, scale, res_min, status, nstep, best, trace, solver_state)
 
     def finish(self, s: LoopState, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor, Info]:
         """``(z_K, g(z_K), info)`` with final status codes; info tensors detached."""
@@ -118,11 +132,6 @@ class Loop:
             **{name: squeeze(t) for name, t in sorted(extra.items())},
         )
         return z, gz, info
-
-
-def _norms(z: torch.Tensor, gz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(‖g(z) − z‖, ‖g(z)‖)`` per row."""
-    return row_norms(gz - z), row_norms(gz)
 
 
 def _no_autocast(z: torch.Tensor):

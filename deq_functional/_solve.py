@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ._drivers import run_budget, run_eager, run_while_loop
+from ._drivers import run_budget, run_eager, run_eager_single, run_while_loop
 from ._flat import FlatView
 from ._info import FixedPointError, FixedPointWarning, Info, Status
 from ._loop import Loop
@@ -66,16 +66,19 @@ def iterate(
     eager = where is Regime.EAGER
     if where is not Regime.COMPILED:
         _warn_if_tol_unreachable(solver, z, what)
-    single_read_each_step = eager and z.shape[0] == 1 and solver.check_every == 1
+    single = eager and z.shape[0] == 1 and solver.check_every == 1  # read after every iteration
     loop = Loop(
         solver,
         lambda flat: view.to_flat(g(view.from_flat(flat))),
-        freeze=not single_read_each_step,
+        freeze=not single,
         opts=StepOptions(inplace=eager and not graph, constant_mixing=constant_mixing),
         trace=trace,
+        host_status=single,
     )
     start = loop.init(z, gz)
-    if eager:
+    if single:
+        run = run_eager_single(loop, start, keep_states=keep_states)
+    elif eager:
         run = run_eager(loop, start, keep_states=keep_states)
     elif where is Regime.COMPILED and not graph and not keep_states:
         run = run_while_loop(loop, start)
@@ -124,7 +127,7 @@ def _warn_if_tol_unreachable(solver: Solver, z: torch.Tensor, what: str) -> None
         warnings.warn(
             f"{what}: tol={solver.tol:g} is below the resolution of the arithmetic (epsilon {eps:.2g} "
             f"in {'autocast' if torch.is_autocast_enabled(z.device.type) else 'the state dtype'}): "
-            f"the relative residual cannot reach it, so every solve would run all "
+            f"the relative residual usually cannot reach it, so solves may run all "
             f"max_iter={solver.max_iter} iterations. Pass tol >= {eps:.2g} (or an atol) "
             f"to {type(solver).__name__}.",
             FixedPointWarning,

@@ -22,6 +22,7 @@ the relative test unless ``‖f(z)‖`` grows past ``r / tol`` (1e5·r for the d
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -43,18 +44,36 @@ class Rule(NamedTuple):
         """False for ``tol = atol = 0``: run exactly ``max_iter`` iterations."""
         return self.tol > 0 or self.atol > 0
 
-    def converged(self, res: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``res <= atol + tol · scale`` (non-finite inputs give False)."""
+    def converged(self, res, scale):
+        """``res <= atol + tol · scale`` (False for non-finite inputs); tensors or Python floats."""
         return res <= self.atol + self.tol * scale
+
+    def _verdict(self, res, scale, res_min, eps: float):
+        """``(finite, diverged, converged)`` after an iteration; tensors, or Python floats for the
+        eager single-problem driver, which classifies on the host (same tests, one definition)."""
+        finite = (res < math.inf) & (scale < math.inf)  # NaN compares False too
+        diverged = (res > self.divergence_ratio * res_min) & (res > self.divergence_ratio * eps * scale)
+        return finite, diverged, self.stops_early and self.converged(res, scale)
 
     def update(self, status: torch.Tensor, res: torch.Tensor, scale: torch.Tensor, res_min: torch.Tensor) -> torch.Tensor:
         """New status codes after an iteration; only problems still RUNNING can change."""
-        eps = torch.finfo(res.dtype).eps
-        code = torch.where(res > self.divergence_ratio * torch.maximum(res_min, eps * scale), int(Status.DIVERGED), RUNNING)
+        finite, diverged, converged = self._verdict(res, scale, res_min, torch.finfo(res.dtype).eps)
+        code = torch.where(diverged, int(Status.DIVERGED), RUNNING)
         if self.stops_early:
-            code = torch.where(self.converged(res, scale), int(Status.CONVERGED), code)
-        code = torch.where(torch.isfinite(res + scale), code, int(Status.NONFINITE))
+            code = torch.where(converged, int(Status.CONVERGED), code)
+        code = torch.where(finite, code, int(Status.NONFINITE))
         return torch.where(status == RUNNING, code, status)
+
+    def update_host(self, status: int, res: float, scale: float, res_min: float, eps: float) -> int:
+        """:meth:`update` for one problem whose numbers were read on the host."""
+        if status != RUNNING:
+            return status
+        finite, diverged, converged = self._verdict(res, scale, res_min, eps)
+        if not finite:
+            return int(Status.NONFINITE)
+        if converged:
+            return int(Status.CONVERGED)
+        return int(Status.DIVERGED) if diverged else RUNNING
 
     def initial(self, res: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Status of ``z0`` itself (it may already be converged, or non-finite)."""

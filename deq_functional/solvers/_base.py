@@ -3,9 +3,10 @@
 A solver is a frozen set of hyperparameters with pure maths on ``(B, D)`` matrices:
 
 * ``init(z, gz) -> state``: a tuple of fixed-shape tensors (history buffers, counts);
-* ``step(state, z, gz, k, opts) -> (z_next, state)``: one update from the current
-  iterate ``z``, its image ``gz = g(z)`` and the iteration index ``k`` (a Python int
-  eagerly, a 0-dim int64 tensor inside ``torch.while_loop``).
+* ``step(state, z, gz, r, k, opts) -> (z_next, state)``: one update from the current
+  iterate ``z``, its image ``gz = g(z)``, the residual ``r = gz − z`` (the loop computes
+  it once for its norms) and the iteration index ``k`` (a Python int eagerly, a 0-dim
+  int64 tensor inside ``torch.while_loop``).
 
 The loop (``_loop.py``) owns everything else: the budget, the stopping rule, masks,
 best-so-far, the trace. ``StepOptions`` carries the two things the caller decides:
@@ -99,5 +100,5 @@ class Solver:
     def init(self, z: torch.Tensor, gz: torch.Tensor) -> tuple:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def step(self, state: tuple, z: torch.Tensor, gz: torch.Tensor, k: Any, opts: StepOptions) -> tuple:  # pragma: no cover
+    def step(self, state: tuple, z: torch.Tensor, gz: torch.Tensor, r: torch.Tensor, k: Any, opts: StepOptions) -> tuple:  # pragma: no cover
         raise NotImplementedError

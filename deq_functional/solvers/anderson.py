@@ -3,37 +3,43 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .._checks import check_finite_real, check_int, check_real
-from .._flat import work_dtype, write_slot
+from .._flat import first_slots, used_slots, work_dtype, write_slot
 from ._base import Solver
 
 
-def mixing_coefficients(gram: torch.Tensor, valid: torch.Tensor, lam: float) -> torch.Tensor:
-    r"""Solve ``min_α ‖Σᵢ αᵢ rᵢ‖²`` s.t. ``Σᵢ αᵢ = 1`` over the valid history slots.
+def mixing_coefficients(gram: torch.Tensor, slots: Any, lam: float) -> torch.Tensor:
+    r"""Solve ``min_α ‖Σᵢ αᵢ rᵢ‖²`` s.t. ``Σᵢ αᵢ = 1`` over the history slots in use.
 
     Args:
-        gram: ``(B, m, m)`` Gram matrix ``H = R Rᵀ`` of the residual history ``rᵢ = g(zᵢ) − zᵢ``
-            (entries of invalid slots are ignored).
-        valid: ``(m,)`` bool, the slots that hold history.
-        lam: ridge λ relative to ``s = mean(diag H)`` over the valid slots; it stays relative
+        gram: ``(B, m, m)`` Gram matrix ``H = R Rᵀ`` of the residual history ``rᵢ = g(zᵢ) − zᵢ``.
+        slots: the slots that hold history, from ``first_slots``: an int ``n`` (the first n,
+            sliced: eager) or an ``(m,)`` bool mask (entries of other slots ignored).
+        lam: ridge λ relative to ``s = mean(diag H)`` over the slots in use; it stays relative
             as the residuals shrink, so Anderson does not degrade into averaging near convergence.
 
     Returns:
-        ``(B, m)`` coefficients α summing to 1, zero on invalid slots, from
-        ``(H/s + (λ+ε)I) w = 1`` on the valid block and ``w = 0`` elsewhere, ``α = w / Σw``
-        (ε the dtype's epsilon keeps an all-zero history finite). With one valid slot this is
+        ``(B, n)`` (int ``slots``) or ``(B, m)`` (mask, zero on unused slots) coefficients α
+        summing to 1, from ``(H/s + (λ+ε)I) w = 1`` on the used block, ``α = w / Σw`` (ε the
+        dtype's epsilon keeps an all-zero history finite). With one slot in use this is
         ``α = (1, 0, …)``: damped Picard. Cost ``O(B m³)``; ``solve_ex`` never syncs with the host.
     """
-    pair = valid[:, None] & valid[None, :]
-    diag = gram.diagonal(dim1=1, dim2=2)
-    scale = (diag * valid).sum(dim=1) / valid.sum() + torch.finfo(gram.dtype).tiny
-    system = torch.where(pair, gram / scale[:, None, None], 0.0)
-    ridge = torch.where(valid, lam + torch.finfo(gram.dtype).eps, 1.0).to(gram.dtype)
-    system = system + torch.diag_embed(ridge)
-    rhs = valid.to(gram.dtype)[:, None].expand(gram.shape[0], -1, 1)
+    tiny, eps = torch.finfo(gram.dtype).tiny, torch.finfo(gram.dtype).eps
+    if isinstance(slots, int):
+        gram = gram[:, :slots, :slots]
+        scale = gram.diagonal(dim1=1, dim2=2).sum(dim=1, keepdim=True)[:, :, None] / slots + tiny
+        system = gram / scale
+        system.diagonal(dim1=1, dim2=2).add_(lam + eps)
+        rhs = torch.ones_like(system[:, :, :1])
+    else:  # masked: unused rows/columns become the identity, with right-hand side 0
+        scale = (gram.diagonal(dim1=1, dim2=2) * slots).sum(dim=1) / slots.sum() + tiny
+        system = torch.where(slots[:, None] & slots[None, :], gram / scale[:, None, None], 0.0)
+        system = system + torch.diag_embed(torch.where(slots, lam + eps, 1.0).to(gram.dtype))
+        rhs = slots.to(gram.dtype)[:, None].expand(gram.shape[0], -1, 1)
     w = torch.linalg.solve_ex(system, rhs, check_errors=False).result[..., 0]
     return w / w.sum(dim=1, keepdim=True)
 
@@ -85,23 +91,23 @@ class Anderson(Solver):
         history = z.new_zeros((batch, self.m, dim), dtype=dtype)
         return history, history.clone(), z.new_zeros((batch, self.m, self.m), dtype=dtype)
 
-    def step(self, state, z, gz, k, opts):
+    def step(self, state, z, gz, r, k, opts):
         images, residuals, gram = state
         slot = k % self.m
-        r = (gz - z).to(images.dtype)
+        r = r.to(images.dtype)
         images = write_slot(images, 1, slot, gz, opts.inplace)
         residuals = write_slot(residuals, 1, slot, r, opts.inplace)
         row = (residuals @ r[:, :, None])[..., 0]  # (B, m): rᵢ · r, the one new Gram row
         gram = write_slot(write_slot(gram, 1, slot, row, opts.inplace), 2, slot, row, opts.inplace)
-        valid = torch.arange(self.m, device=z.device) <= k
-        alpha = mixing_coefficients(gram, valid, self.lam)
+        slots = first_slots(k + 1, self.m, z.device)
+        alpha = mixing_coefficients(gram, slots, self.lam)
         if opts.constant_mixing:
             # Unrolled: differentiate through the iterates, not through α. dα/dθ multiplies
             # residuals that vanish at convergence, but the ill-conditioned Gram solve makes
             # that product blow up numerically (seen: a 1e3× gradient after 100 iterations).
             alpha = alpha.detach()
         a = alpha[:, None, :]
-        z_next = (a @ images)[:, 0]
+        z_next = (a @ used_slots(images, slots))[:, 0]
         if self.beta != 1.0:
-            z_next = z_next - (1.0 - self.beta) * (a @ residuals)[:, 0]
+            z_next = z_next - (1.0 - self.beta) * (a @ used_slots(residuals, slots))[:, 0]
         return z_next.to(z.dtype), (images, residuals, gram)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .._checks import check_int
-from .._flat import first_slots, select, work_dtype, write_slot
+from .._flat import first_slots, select, used_slots, work_dtype, write_slot
 from ._base import Solver
 
 
@@ -26,11 +26,10 @@ def low_rank_inverse(us: torch.Tensor, vs: torch.Tensor, pairs: Any, w: torch.Te
     if isinstance(pairs, int):
         if pairs == 0:
             return -w
-        us, vs = us[:, :pairs], vs[:, :pairs]
-        coef = vs @ w[:, :, None]
+        coef = used_slots(vs, pairs) @ w[:, :, None]
     else:
         coef = (vs @ w[:, :, None]) * pairs[:, None]
-    return (coef.transpose(1, 2) @ us)[:, 0] - w
+    return (coef.transpose(1, 2) @ used_slots(us, pairs))[:, 0] - w
 
 
 @dataclass(frozen=True)
@@ -40,13 +39,13 @@ class Broyden(Solver):
     Keeps ``Ĵ⁻¹ ≈ (∂F/∂z)⁻¹ = −I + Σᵢ uᵢ vᵢᵀ`` (starting at ``−I``, so the first step is
     Picard) and steps ``z_{k+1} = z_k − Ĵ⁻¹ F(z_k)``. Each iteration first adds the pair
     from the last step, with ``Δz = z_k − z_{k−1}`` and ``ΔF = F(z_k) − F(z_{k−1})``
-    (Sherman–Morrison form): ``v = Ĵ⁻ᵀ Δz``, ``u = (Δz − Ĵ⁻¹ ΔF) / (vᵀ ΔF)``.
+    (Sherman–Morrison form): ``v = Ĵ⁻ᵀ Δz``, ``u = (Δz − Ĵ⁻¹ ΔF) / (vᵀ ΔF)``, which is
+    ``−Ĵ⁻¹F(z_k) / (vᵀ ΔF)`` because the last step was ``Δz = −Ĵ⁻¹F(z_{k−1})`` with the same ``Ĵ``.
     Restarted Broyden: the pairs fill the ``memory`` slots of a ring; when it is full the
     approximation restarts from ``−I`` and the new pair is computed against ``−I`` itself
     (pairing it with the discarded estimate made ``memory=1`` blow up). A pair with
-    ``|vᵀΔF| ≈ 0`` (a frozen, converged problem; the first iteration) is stored as zeros,
-    which act as nothing. ``Ĵ⁻¹ΔF`` costs no pass over the pairs: ``Ĵ⁻¹ΔF = Ĵ⁻¹F(z_k) + Δz``
-    because the last step was ``Δz = −Ĵ⁻¹F(z_{k−1})`` with the same ``Ĵ``.
+    ``|vᵀΔF| ≈ 0`` (a frozen, converged problem; the first iteration) is stored with ``u = 0``,
+    which acts as nothing in ``Ĵ⁻¹`` and ``Ĵ⁻ᵀ``.
     Half-precision states keep the pairs in float32. Under ``Unrolled`` the pairs are held
     constant (``StepOptions.constant_mixing``), like Anderson's α.
     Cost per iteration: one ``g`` call plus two passes over the pairs, ``O(B · memory · D)``;
@@ -78,22 +77,23 @@ class Broyden(Solver):
         us = z.new_zeros((batch, self.memory, dim), dtype=dtype)
         return us, us.clone(), z.to(dtype), (gz - z).to(dtype)
 
-    def step(self, state, z, gz, k, opts):
+    def step(self, state, z, gz, r, k, opts):
         us, vs, z_prev, F_prev = state
         dtype = us.dtype
-        zw, F = z.to(dtype), (gz - z).to(dtype)
+        zw, F = z.to(dtype), r.to(dtype)
         dz, dF = zw - z_prev, F - F_prev
         slot = k % self.memory
         restart = slot == 0  # the ring is full (or empty): start again from Ĵ⁻¹ = −I
-        pairs = first_slots(slot, self.memory, z.device)  # pairs of this cycle, before this one
+        pairs = first_slots(slot, self.memory, z.device)  # this cycle's pairs, before this one
         inv_F = low_rank_inverse(us, vs, pairs, F)
-        inv_dF = inv_F + select(restart, F_prev, dz)  # Ĵ⁻¹F − Ĵ⁻¹F_prev, with Ĵ⁻¹F_prev = −Δz or −F_prev
-        v = low_rank_inverse(vs, us, pairs, dz)
-        den = (v * dF).sum(dim=1, keepdim=True)
+        v = low_rank_inverse(vs, us, pairs, dz)  # Ĵ⁻ᵀ Δz
+        den = (v[:, None, :] @ dF[:, :, None])[:, 0]  # vᵀΔF, (B, 1)
         scale = torch.linalg.vector_norm(v, dim=1, keepdim=True) * torch.linalg.vector_norm(dF, dim=1, keepdim=True)
         safe = den.abs() > torch.finfo(dtype).eps * scale
-        u = torch.where(safe, (dz - inv_dF) / torch.where(safe, den, torch.ones_like(den)), 0.0)
-        v = torch.where(safe, v, 0.0)
+        inv_den = torch.where(safe, 1.0 / torch.where(safe, den, torch.ones_like(den)), 0.0)
+        # u = (Δz − Ĵ⁻¹ΔF)/(vᵀΔF) with Ĵ⁻¹ΔF = Ĵ⁻¹F − Ĵ⁻¹F_prev: the last step made Ĵ⁻¹F_prev = −Δz,
+        # so the numerator is −Ĵ⁻¹F; after a restart Ĵ⁻¹ = −I and it is Δz + ΔF.
+        u = select(restart, dz + dF, inv_F) * select(restart, inv_den, -inv_den)
         if opts.constant_mixing:
             # Unrolled: differentiate through F(z_k), with the inverse-Jacobian estimate held
             # constant (its derivative multiplies F, which vanishes at the fixed point; past
@@ -101,5 +101,5 @@ class Broyden(Solver):
             u, v = u.detach(), v.detach()
         us = write_slot(us, 1, slot, u, opts.inplace)
         vs = write_slot(vs, 1, slot, v, opts.inplace)
-        inv_F = inv_F + u * (v * F).sum(dim=1, keepdim=True)  # the new pair's term
+        inv_F = torch.addcmul(inv_F, u, (v[:, None, :] @ F[:, :, None])[:, 0])  # + u (vᵀF): the new pair's term
         return (zw - inv_F).to(z.dtype), (us, vs, zw, F)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .._checks import check_real
 from ._base import Solver
 
@@ -39,7 +41,7 @@ class Picard(Solver):
     def init(self, z, gz):
         return ()
 
-    def step(self, state, z, gz, k, opts):
+    def step(self, state, z, gz, r, k, opts):
         if self.damping == 1.0:
             return gz, state
-        return z + self.damping * (gz - z), state
+        return torch.add(z, r, alpha=self.damping), state
