@@ -6,9 +6,10 @@ exactly what each number means:
 - ``Timer``: wall time of one call. CPU: ``time.perf_counter``. CUDA: a pair of
   CUDA events around the call, then ``torch.cuda.synchronize()``.
 - ``saved_bytes``: bytes that autograd saves for backward while ``fn`` runs,
-  counted through ``torch.autograd.graph.saved_tensors_hooks``; a storage saved
-  several times (or viewed by several saved tensors) counts once, keyed by
-  ``untyped_storage().data_ptr()``.
+  counted by the library's ``deq_functional.SavedTensorBytes``
+  (``torch.autograd.graph.saved_tensors_hooks``); a storage saved several times
+  (or viewed by several saved tensors) counts once, keyed by its device and
+  ``untyped_storage().data_ptr()``; reported with and without the parameters.
 - ``PeakMemory``: CPU: the kernel's peak-RSS counter (``VmHWM``), reset by
   writing ``5`` to ``/proc/self/clear_refs`` before the call; the reported
   number is the peak minus the RSS just before the call. CUDA:
@@ -23,6 +24,8 @@ import time
 from typing import Callable
 
 import torch
+
+import deq_functional as dq
 
 
 class Timer:
@@ -62,20 +65,9 @@ def saved_bytes(fn: Callable[[], object], exclude=()):
     forward (graph-building) part should run inside, so the backward's own
     machinery (e.g. ``torch.func.vjp`` in an IFT backward) is not affected.
     """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
-    count = 0
-
-    def pack(t):
-        nonlocal count
-        count += 1
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with dq.SavedTensorBytes(exclude=list(exclude)) as saved:
         out = fn()
-    return out, sum(seen.values()), sum(v for k, v in seen.items() if k not in skip), count
+    return out, saved.total_bytes, saved.bytes, saved.count
 
 
 def _read_status_kb(key: str) -> int:

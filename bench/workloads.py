@@ -19,9 +19,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten_with_path, tree_leaves, tree_map, keystr
 
 import deq_functional as dq
+from deq_functional._tree import flatten, tree_map
+from deq_functional._tree import named_leaves as _named_leaves
 
 SEED = 0
 MLP_LATENT, MLP_BATCH, MLP_IN = 256, 128, 784
@@ -56,8 +57,8 @@ class Workload:
 
 
 def named_leaves(params: Any) -> dict:
-    """{'["latent"]["weight"]': tensor, ...} for any nested params pytree."""
-    return {keystr(path): leaf for path, leaf in tree_flatten_with_path(params)[0]}
+    """{"latent.weight": tensor, ...} (dotted key paths) for any nested params pytree."""
+    return dict(_named_leaves(params))
 
 
 # ---------------------------------------------------------------- models ----
@@ -186,7 +187,7 @@ class TrainStep:
 
     def __init__(self, loss_fn: Callable, params: Any, lr: float = 0.0):
         self.loss_fn, self.params = loss_fn, params
-        self.opt = torch.optim.SGD(tree_leaves(params), lr=lr)
+        self.opt = torch.optim.SGD(flatten(params)[0], lr=lr)
         self.last = None
 
     def __call__(self):

@@ -112,3 +112,102 @@ def same_layout(out: Any, like: Any) -> bool:
     return out_spec == like_spec and all(
         isinstance(o, torch.Tensor) and o.shape == t.shape for o, t in zip(out_leaves, like_leaves)
     )
+
+
+# ----------------------------------------------------------------------------- dotted key paths
+# A key path names one node of a tree by its dict keys and list/tuple indices joined with
+# dots: ``"latent.block0.conv1.weight"``, ``"convs.0.weight"``. Keys that contain a dot
+# cannot be addressed this way.
+
+
+def named_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """``[(key path, leaf)]`` in :func:`flatten`'s order (sorted string keys, depth first).
+
+    Dict keys are written with ``str``; list, tuple and namedtuple children by index;
+    ``None`` nodes hold no leaf and are skipped. A bare leaf gets the path ``""``.
+    Cost: one walk of the tree.
+
+    Example:
+        >>> named_leaves({"b": [torch.zeros(1)], "a": {"w": torch.ones(2)}})
+        [('a.w', tensor([1., 1.])), ('b.0', tensor([0.]))]
+    """
+    out: list[tuple[str, Any]] = []
+    _named_into(tree, "", out)
+    return out
+
+
+def _named_into(tree: Any, prefix: str, out: list) -> None:
+    if tree is None:
+        return
+    if isinstance(tree, dict):
+        children = [(str(k), tree[k]) for k in _dict_keys(tree)]
+    elif isinstance(tree, (list, tuple)):
+        children = [(str(i), c) for i, c in enumerate(tree)]
+    else:
+        out.append((prefix, tree))
+        return
+    for name, child in children:
+        _named_into(child, f"{prefix}.{name}" if prefix else name, out)
+
+
+def _child(node: Any, part: str, path: str, owner: str) -> Any:
+    """The child of ``node`` named ``part``; ``ValueError`` naming ``path`` when there is none."""
+    if isinstance(node, dict):
+        for key in node:
+            if key == part or str(key) == part:
+                return node[key]
+        raise ValueError(f"{owner}: unknown key path {path!r}: no {part!r} among {sorted(map(str, node))}")
+    if isinstance(node, (list, tuple)):
+        if part.isdigit() and int(part) < len(node):
+            return node[int(part)]
+        raise ValueError(f"{owner}: unknown key path {path!r}: {part!r} is not an index below {len(node)}")
+    raise ValueError(f"{owner}: unknown key path {path!r}: cannot index a {type(node).__name__} with {part!r}")
+
+
+def get_path(tree: Any, path: str, owner: str = "get_path") -> Any:
+    """The node of ``tree`` at the dotted ``path`` (a leaf or a whole subtree).
+
+    Raises:
+        ValueError: ``"<owner>: unknown key path '<path>': ..."`` naming the part that
+            does not exist and what is there instead.
+
+    Example:
+        >>> get_path({"convs": [{"weight": 1.0}]}, "convs.0.weight")
+        1.0
+    """
+    node = tree
+    for part in path.split("."):
+        node = _child(node, part, path, owner)
+    return node
+
+
+def set_path(tree: Any, path: str, value: Any, owner: str = "set_path") -> Any:
+    """A copy of ``tree`` with the node at ``path`` replaced by ``value``; ``tree`` is not modified.
+
+    Only the containers on the path are copied (cost: their sizes); every node off the
+    path is shared with ``tree``, so untouched leaves keep their identity.
+
+    Raises:
+        ValueError: as :func:`get_path`, when ``path`` does not exist in ``tree``.
+
+    Example:
+        >>> t = {"a": {"w": 1.0}, "b": 2.0}
+        >>> set_path(t, "a.w", 5.0), t
+        ({'a': {'w': 5.0}, 'b': 2.0}, {'a': {'w': 1.0}, 'b': 2.0})
+    """
+    return _set(tree, path.split("."), value, path, owner)
+
+
+def _set(node: Any, parts: list[str], value: Any, path: str, owner: str) -> Any:
+    if not parts:
+        return value
+    head, rest = parts[0], parts[1:]
+    child = _child(node, head, path, owner)  # validates head
+    if isinstance(node, dict):
+        key = next(k for k in node if k == head or str(k) == head)
+        return {**node, key: _set(child, rest, value, path, owner)}
+    items = list(node)
+    items[int(head)] = _set(child, rest, value, path, owner)
+    if isinstance(node, list):
+        return items
+    return type(node)(*items) if hasattr(node, "_fields") else tuple(items)

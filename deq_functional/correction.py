@@ -7,6 +7,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ._checks import check_int, check_real
+
 __all__ = ["correction_loss", "correction_weights"]
 
 _SCHEDULES = ("exp", "linear", "const")
@@ -44,19 +46,19 @@ def correction_weights(
         ValueError: ``n < 1``, unknown schedule, ``gamma`` outside ``(0, 1]`` for
             ``"exp"`` / ``"linear"``, or explicit weights of the wrong length, negative or all zero.
     """
-    return torch.tensor(_weight_list(n, weights, gamma, normalize), dtype=torch.float64)
+    return torch.tensor(_weight_list(n, weights, gamma, normalize, "correction_weights"), dtype=torch.float64)
 
 
-def _weight_list(n: int, weights: Any, gamma: float, normalize: bool) -> list[float]:
+def _weight_list(n: int, weights: Any, gamma: float, normalize: bool, fn: str) -> list[float]:
     """Plain Python floats, so a compiled caller sees constants (no tensor-to-host read)."""
-    fn = "correction_loss"
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"{fn}: needs at least one state, got {n!r}")
+    check_int(fn, "n", n, 1)
     if isinstance(weights, str):
         if weights not in _SCHEDULES:
-            raise ValueError(f"{fn}: unknown weights schedule {weights!r}; use one of {_SCHEDULES} or a list of n numbers")
-        if weights != "const" and (isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1):
-            raise ValueError(f"{fn}: gamma must be in (0, 1] for weights={weights!r}, got {gamma!r}")
+            raise ValueError(
+                f"{fn}: unknown weights schedule {weights!r}; use one of {_SCHEDULES} or a list of n numbers"
+            )
+        if weights != "const":
+            check_real(fn, "gamma", gamma, 0.0, 1.0, open_low=True)
         if weights == "exp":
             w = [float(gamma) ** (n - i) for i in range(1, n + 1)]
         elif weights == "linear":
@@ -128,14 +130,15 @@ def correction_loss(
     """
     if isinstance(states, (str, bytes)) or not isinstance(states, (list, tuple)) or not states:
         raise ValueError(
-            f"correction_loss: states must be a non-empty list/tuple of states (e.g. info.trajectory), got {type(states).__name__}"
+            "correction_loss: states must be a non-empty list/tuple of states (e.g. info.trajectory), "
+            f"got {type(states).__name__}"
         )
-    w = _weight_list(len(states), weights, gamma, normalize)
+    w = _weight_list(len(states), weights, gamma, normalize, "correction_loss")
     losses = [loss_fn(s) for s in states]
     shapes = {tuple(torch.as_tensor(loss).shape) for loss in losses}
     if len(shapes) != 1:
         raise ValueError(f"correction_loss: loss_fn returned different shapes for different states: {sorted(shapes)}")
     total = w[0] * losses[0]
-    for wi, loss in zip(w[1:], losses[1:]):
+    for wi, loss in zip(w[1:], losses[1:], strict=True):
         total = total + wi * loss
     return total

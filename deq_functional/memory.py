@@ -16,18 +16,21 @@ def _key(t: torch.Tensor) -> tuple:
 class SavedTensorBytes:
     """Context manager counting the bytes autograd saves for backward inside it.
 
-    Each saved tensor's storage is counted once (a storage saved by several ops,
-    e.g. a weight used in every unrolled iteration, is one allocation). Storages
-    of the tensors in ``exclude`` (typically the parameters, which autograd
-    references but never copies) are left out, so ``bytes`` is the activation
-    memory a forward pass adds. Uses ``torch.autograd.graph.saved_tensors_hooks``;
-    eager mode only.
+    Each saved tensor's storage is counted once, keyed by ``(device, data_ptr)`` (a
+    storage saved by several ops, e.g. a weight used in every unrolled iteration, is
+    one allocation). Storages of the tensors in ``exclude`` (typically the parameters,
+    which autograd references but never copies) are left out of ``bytes``, so
+    ``bytes`` is the activation memory a forward pass adds; ``total_bytes`` counts
+    them too. Uses ``torch.autograd.graph.saved_tensors_hooks`` (the pack hook returns
+    the tensor itself, nothing is copied); eager mode only. Cost: one dict update per
+    saved tensor.
 
     Args:
-        exclude: pytree of tensors whose storages are not counted.
+        exclude: pytree of tensors whose storages are not counted in ``bytes``.
 
     Attributes:
-        bytes: unique saved bytes so far.
+        bytes: unique saved bytes so far, storages of ``exclude`` left out.
+        total_bytes: unique saved bytes so far, storages of ``exclude`` included.
         count: number of tensors saved (with repeats, excluded ones included).
 
     Example:
@@ -47,13 +50,15 @@ class SavedTensorBytes:
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         self.count += 1
-        key = _key(t)
-        if key not in self._excluded:
-            self._storages[key] = t.untyped_storage().nbytes()
+        self._storages[_key(t)] = t.untyped_storage().nbytes()
         return t
 
     @property
     def bytes(self) -> int:
+        return sum(n for key, n in self._storages.items() if key not in self._excluded)
+
+    @property
+    def total_bytes(self) -> int:
         return sum(self._storages.values())
 
     def __enter__(self) -> "SavedTensorBytes":

@@ -28,13 +28,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_finite_real, check_int
+from ._power import power_iteration, start_vector
+from ._tree import get_path, set_path
+
 __all__ = ["spectral_normalize", "conv_lipschitz_rescale"]
-
-_EPS = 1e-12
-
-
-def _normalize(v: torch.Tensor) -> torch.Tensor:
-    return v / (torch.linalg.vector_norm(v) + _EPS)
 
 
 def _as_keys(keys: str | Sequence[str], fn: str) -> list[str]:
@@ -44,68 +42,49 @@ def _as_keys(keys: str | Sequence[str], fn: str) -> list[str]:
     return keys
 
 
-def _child(node: Any, part: str, path: str, fn: str) -> Any:
-    if isinstance(node, dict):
-        if part in node:
-            return node[part]
-        raise ValueError(f"{fn}: unknown key path {path!r}: no {part!r} among {sorted(map(str, node))}")
-    if isinstance(node, (list, tuple)):
-        if part.isdigit() and int(part) < len(node):
-            return node[int(part)]
-        raise ValueError(f"{fn}: unknown key path {path!r}: {part!r} is not an index below {len(node)}")
-    raise ValueError(f"{fn}: unknown key path {path!r}: cannot index a {type(node).__name__} with {part!r}")
-
-
-def _get(params: Any, path: str, fn: str) -> torch.Tensor:
-    node = params
-    for part in path.split("."):
-        node = _child(node, part, path, fn)
-    if not isinstance(node, torch.Tensor):
-        raise ValueError(f"{fn}: key path {path!r} leads to a {type(node).__name__}, not a tensor")
-    return node
-
-
-def _set(params: Any, parts: list[str], value: torch.Tensor) -> Any:
-    """Copy of ``params`` with the leaf at ``parts`` replaced; containers off the path are shared."""
-    if not parts:
-        return value
-    head, rest = parts[0], parts[1:]
-    if isinstance(params, dict):
-        out = dict(params)
-        out[head] = _set(params[head], rest, value)
-        return out
-    items = list(params)
-    items[int(head)] = _set(items[int(head)], rest, value)
-    if isinstance(params, list):
-        return items
-    return type(params)(*items) if hasattr(params, "_fields") else tuple(items)
-
-
-def _check_common(bound: float, n_iter: int, state: Any, fn: str) -> None:
-    if not isinstance(bound, (int, float)) or isinstance(bound, bool) or not bound > 0:
-        raise ValueError(f"{fn}: bound must be a positive number, got {bound!r}")
-    if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
-        raise ValueError(f"{fn}: n_iter must be an int >= 1, got {n_iter!r}")
+def _check_options(bound: float, n_iter: int, state: Any, fn: str) -> None:
+    check_finite_real(fn, "bound", bound, 0.0, open_low=True)
+    check_int(fn, "n_iter", n_iter, 1)
     if state is not None and not isinstance(state, dict):
-        raise ValueError(f"{fn}: state must be None or the dict returned by the previous call, got {type(state).__name__}")
+        raise ValueError(
+            f"{fn}: state must be None or the dict returned by the previous call, got {type(state).__name__}"
+        )
 
 
-def _start_vector(state: dict | None, key: str, shape: tuple, like: torch.Tensor, generator, fn: str) -> torch.Tensor:
-    if state is None:
-        v = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
-        return _normalize(v)
-    if key not in state:
-        raise ValueError(f"{fn}: state has no vector for {key!r} (it holds {sorted(state)}); pass state=None to restart")
-    v = state[key]
-    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(shape):
-        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-        raise ValueError(f"{fn}: state[{key!r}] has shape {got}, expected {tuple(shape)}; pass state=None to restart")
-    return v.detach().to(dtype=like.dtype, device=like.device)
+def _weight(params: Any, key: str, fn: str) -> torch.Tensor:
+    node = get_path(params, key, fn)
+    if not isinstance(node, torch.Tensor):
+        raise ValueError(f"{fn}: key path {key!r} leads to a {type(node).__name__}, not a tensor")
+    return node
 
 
 def _rescale(W: torch.Tensor, sigma: torch.Tensor, bound: float) -> torch.Tensor:
     # W · min(1, bound/σ̂) written as bound / max(σ̂, bound): finite gradient even when σ̂ = 0.
     return W * (bound / sigma.clamp(min=bound))
+
+
+def _matrix_norm(M: torch.Tensor, u: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, σ̂)``: ``n_iter`` steps of ``u ← normalize(M Mᵀ u)`` on ``M.detach()``, then ``σ̂ = ‖Mᵀ u‖``.
+
+    ``M (out, in)``, ``u (out,)``; ``σ̂ ≤ ‖M‖₂`` is differentiable in ``M``. Cost ``2·n_iter + 1`` mat-vecs.
+    """
+    Md = M.detach()
+    u, _ = power_iteration(lambda u: Md @ (Md.T @ u), u, n_iter)
+    return u, torch.linalg.vector_norm(M.T @ u)
+
+
+def conv_operator_norm(W: torch.Tensor, x: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, σ̂)``: power iteration for the norm of ``A: x ↦ conv2d(x, W, padding=(kh//2, kw//2))``.
+
+    ``W (out, C, kh, kw)``, ``x (C, H, W)`` the start vector (any norm). ``n_iter`` steps of
+    ``x ← normalize(Aᵀ A x)`` on ``W.detach()`` (``Aᵀ`` = ``conv_transpose2d``, same padding),
+    then ``σ̂ = ‖A x‖ ≤ ‖A‖₂``, differentiable in ``W``; ``x`` is returned as a unit vector.
+    Cost: ``2·n_iter + 1`` convolutions of one ``(1, C, H, W)`` input.
+    """
+    pad = (W.shape[2] // 2, W.shape[3] // 2)
+    Wd = W.detach()
+    x, _ = power_iteration(lambda x: F.conv_transpose2d(F.conv2d(x, Wd, padding=pad), Wd, padding=pad), x[None], n_iter)
+    return x[0], torch.linalg.vector_norm(F.conv2d(x, W, padding=pad))
 
 
 def spectral_normalize(
@@ -123,9 +102,11 @@ def spectral_normalize(
     (a linear ``(out, in)`` weight, or a conv kernel ``(out, in, kh, kw)`` flattened
     as in Miyato et al.). Power iteration from the stored left vector ``u``::
 
-        v ← normalize(Mᵀ u),   u ← normalize(M v)      (n_iter times, on M.detach())
-        σ̂ = uᵀ M v                                      (differentiable in M)
+        u ← normalize(M Mᵀ u)      (n_iter times, on M.detach())
+        σ̂ = ‖Mᵀ u‖                 (differentiable in M)
 
+    which is Miyato et al.'s ``v ← normalize(Mᵀ u), u ← normalize(M v)``, ``σ̂ = uᵀ M v``
+    with ``v`` taken from the final ``u`` (``uᵀ M v = ‖Mᵀ u‖``; gradient ``u vᵀ``).
     ``σ̂ ≤ σ_max(M)`` always and converges to it; with the state passed back every
     step, one iteration per step suffices in training (Miyato et al., 2018).
     Weights with ``σ̂ ≤ bound`` are returned unchanged. For a conv kernel this
@@ -168,24 +149,19 @@ def spectral_normalize(
     """
     fn = "spectral_normalize"
     keys = _as_keys(keys, fn)
-    _check_common(bound, n_iter, state, fn)
+    _check_options(bound, n_iter, state, fn)
     new_state = dict(state or {})  # entries for other keys pass through
     out = params
     for key in keys:
-        W = _get(params, key, fn)
+        W = _weight(params, key, fn)
         if W.dim() < 2 or not W.is_floating_point():
             raise ValueError(
                 f"{fn}: {key!r} must be a floating weight of shape (out, in) or (out, in, kh, kw), "
                 f"got shape {tuple(W.shape)} and dtype {W.dtype}"
             )
         M = W.reshape(W.shape[0], -1)
-        Md = M.detach()
-        u = _start_vector(state, key, (M.shape[0],), W, generator, fn)
-        for _ in range(n_iter):
-            v = _normalize(Md.t() @ u)
-            u = _normalize(Md @ v)
-        sigma = u @ (M @ v)
-        out = _set(out, key.split("."), _rescale(W, sigma, bound))
+        u, sigma = _matrix_norm(M, start_vector(state, key, (M.shape[0],), W, generator, fn), n_iter)
+        out = set_path(out, key, _rescale(W, sigma, bound), fn)
         new_state[key] = u
     return out, new_state
 
@@ -261,14 +237,14 @@ def conv_lipschitz_rescale(
     """
     fn = "conv_lipschitz_rescale"
     keys = _as_keys(keys, fn)
-    _check_common(bound, n_iter, state, fn)
+    _check_options(bound, n_iter, state, fn)
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else None
     if shape is None or len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
         raise ValueError(f"{fn}: input_shape must be (C, H, W) of positive ints, got {input_shape!r}")
     new_state = dict(state or {})  # entries for other keys pass through
     out = params
     for key in keys:
-        W = _get(params, key, fn)
+        W = _weight(params, key, fn)
         if W.dim() != 4 or not W.is_floating_point():
             raise ValueError(
                 f"{fn}: {key!r} must be a floating conv kernel of shape (out, in, kh, kw), "
@@ -276,13 +252,7 @@ def conv_lipschitz_rescale(
             )
         if W.shape[1] != shape[0]:
             raise ValueError(f"{fn}: {key!r} takes {W.shape[1]} input channels but input_shape is {shape}")
-        pad = (W.shape[2] // 2, W.shape[3] // 2)
-        Wd = W.detach()
-        x = _start_vector(state, key, shape, W, generator, fn).unsqueeze(0)
-        for _ in range(n_iter):
-            y = F.conv2d(x, Wd, padding=pad)
-            x = _normalize(F.conv_transpose2d(y, Wd, padding=pad))
-        sigma = torch.linalg.vector_norm(F.conv2d(x, W, padding=pad))
-        out = _set(out, key.split("."), _rescale(W, sigma, bound))
-        new_state[key] = x.squeeze(0)
+        x, sigma = conv_operator_norm(W, start_vector(state, key, shape, W, generator, fn), n_iter)
+        out = set_path(out, key, _rescale(W, sigma, bound), fn)
+        new_state[key] = x
     return out, new_state

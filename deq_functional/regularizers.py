@@ -9,20 +9,18 @@ penalty reaches ``params`` (and ``x``) through ``J`` itself.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import torch
 
+from ._checks import check_choice, check_int
+from ._power import power_iteration
 from ._tree import describe, flatten, tree_map
 
 __all__ = ["jacobian_frobenius", "spectral_radius"]
 
 _PROBES = ("gaussian", "rademacher")
-
-
-def _check_n(name: str, value: Any, fn: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{fn}: {name} must be an int >= 1, got {value!r}")
 
 
 def _leaves(tree: Any, what: str, fn: str) -> list[torch.Tensor]:
@@ -52,6 +50,12 @@ def _scale(tree: Any, s: torch.Tensor, per_sample: bool) -> Any:
     if per_sample:
         return tree_map(lambda t: t * s.reshape(-1, *([1] * (t.dim() - 1))), tree)
     return tree_map(lambda t: t * s, tree)
+
+
+def _unit(tree: Any, per_sample: bool) -> tuple[Any, torch.Tensor]:
+    """``(tree / ‖tree‖, ‖tree‖)``: one norm over all leaves, or one per sample ``(B,)`` when ``per_sample``."""
+    norm = _sq_norm(tree, per_sample).sqrt()
+    return _scale(tree, 1.0 / (norm + torch.finfo(norm.dtype).tiny), per_sample), norm
 
 
 def _probe(like: torch.Tensor, kind: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -133,9 +137,8 @@ def jacobian_frobenius(
         >>> pen.backward()
     """
     fn = "jacobian_frobenius"
-    _check_n("n_samples", n_samples, fn)
-    if probe not in _PROBES:
-        raise ValueError(f"{fn}: probe must be one of {_PROBES}, got {probe!r}")
+    check_int(fn, "n_samples", n_samples, 1)
+    check_choice(fn, "probe", probe, _PROBES)
     z_leaves = _leaves(z_star, "z_star", fn)
     if per_sample:
         batch = _batch_size(z_leaves, fn)
@@ -212,7 +215,7 @@ def spectral_radius(
         0.8
     """
     fn = "spectral_radius"
-    _check_n("n_iter", n_iter, fn)
+    check_int(fn, "n_iter", n_iter, 1)
     z_leaves = _leaves(z_star, "z_star", fn)
     if per_sample:
         _batch_size(z_leaves, fn)
@@ -225,10 +228,7 @@ def spectral_radius(
                 f"{fn}: f must map z to the same structure and shapes (square Jacobian); "
                 f"z_star is {describe(z_star)} but f returned {describe(out)}"
             )
-        v = tree_map(lambda t: torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device), out)
-        v = _scale(v, _sq_norm(v, per_sample).rsqrt(), per_sample)
-        for _ in range(n_iter):
-            w = pull(v)
-            rho = _sq_norm(w, per_sample).sqrt()
-            v = _scale(w, 1.0 / (rho + torch.finfo(rho.dtype).tiny), per_sample)
+        unit = partial(_unit, per_sample=per_sample)
+        v, _ = unit(tree_map(lambda t: torch.randn(t.shape, generator=generator, dtype=t.dtype, device=t.device), out))
+        _, rho = power_iteration(pull, v, n_iter, unit)
     return rho

@@ -35,10 +35,10 @@ import json
 import math
 import sys
 import time
-from functools import partial
-from types import SimpleNamespace
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -51,10 +51,10 @@ import data as datasets  # noqa: E402
 from distributed import all_reduce_grads, init_ddp  # noqa: E402
 
 import deq_functional as dq  # noqa: E402
+from deq_functional._tree import named_leaves, tree_map  # noqa: E402
+from deq_functional.gradients import GRAD_MODES, as_grad_mode  # noqa: E402
 from deq_functional.models import MODELS, count_params, predict  # noqa: E402
-
-GRAD_MODES = ("jfb", "ift", "neumann", "unrolled")
-SOLVERS = {"anderson": dq.Anderson, "picard": dq.Picard, "broyden": dq.Broyden}
+from deq_functional.solvers import SOLVERS  # noqa: E402
 
 
 @dataclass
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=datasets.DATASETS, default=c.dataset)
     p.add_argument("--model", choices=sorted(MODELS), default=c.model)
-    p.add_argument("--grad-mode", choices=GRAD_MODES, default=c.grad_mode)
+    p.add_argument("--grad-mode", choices=sorted(GRAD_MODES), default=c.grad_mode)
     p.add_argument("--solver", choices=sorted(SOLVERS), default=c.solver)
     p.add_argument("--max-iter", type=int, default=c.max_iter, help="forward (and IFT adjoint) iteration budget")
     p.add_argument("--tol", type=float, default=c.tol, help="relative-residual tolerance")
@@ -122,20 +122,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return config
 
 
-# ----------------------------------------------------------------------------- params pytree helpers
-def tree_items(params: dict, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
-    """``[(dotted path, leaf)]`` of a nested dict of tensors, in sorted key order."""
-    out = []
-    for k in sorted(params):
-        v = params[k]
-        out += tree_items(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
-    return out
-
-
-def tree_map(fn, params: dict) -> dict:
-    return {k: tree_map(fn, v) if isinstance(v, dict) else fn(v) for k, v in params.items()}
-
-
+# ----------------------------------------------------------------------------- model, solver, grad mode
 def build_model(config: Config, data: datasets.Data, device: torch.device):
     """``(model module, params with requires_grad leaves, projection or None)``."""
     g = torch.Generator().manual_seed(config.seed)
@@ -165,8 +152,9 @@ def make_solver(config: Config):
     return SOLVERS[config.solver](max_iter=config.max_iter, tol=config.tol)
 
 
-def make_grad_mode(config: Config):
-    return {"jfb": dq.JFB(), "ift": dq.IFT(), "neumann": dq.Neumann(config.neumann_k), "unrolled": dq.Unrolled()}[config.grad_mode]
+def make_grad_mode(config: Config) -> dq.GradMode:
+    """The library's grad mode named ``config.grad_mode``; ``--neumann-k`` sets Neumann's number of terms."""
+    return dq.Neumann(config.neumann_k) if config.grad_mode == "neumann" else as_grad_mode(config.grad_mode)
 
 
 # ----------------------------------------------------------------------------- training
@@ -187,7 +175,7 @@ class Trainer:
         self.train_loader = DataLoader(train, batch_size=config.batch_size // world, sampler=self.sampler)
         self.test_loader = DataLoader(self.data.test, batch_size=256)
         self.model, self.params, self.project = build_model(config, self.data, self.device)
-        self.leaves = [t for _, t in tree_items(self.params)]
+        self.leaves = [t for _, t in named_leaves(self.params)]
         self.solver, self.grad_mode = make_solver(config), make_grad_mode(config)
         self.opt = torch.optim.Adam(self.leaves, lr=config.lr)
         self.rescale_state, self.epoch = None, 0
@@ -209,7 +197,7 @@ class Trainer:
         if self.project is None:
             return
         new, self.rescale_state = self.project(self.params, self.rescale_state)
-        for (_, old), (_, value) in zip(tree_items(self.params), tree_items(new)):
+        for (_, old), (_, value) in zip(named_leaves(self.params), named_leaves(new), strict=True):
             if value is not old:
                 old.copy_(value)
 
@@ -287,7 +275,7 @@ class Trainer:
             raise SystemExit(f"--resume: no checkpoint at {path}; run once without --resume first")
         ckpt = torch.load(path, map_location=self.device, weights_only=True)
         with torch.no_grad():
-            for (_, t), (_, v) in zip(tree_items(self.params), tree_items(ckpt["params"])):
+            for (_, t), (_, v) in zip(named_leaves(self.params), named_leaves(ckpt["params"]), strict=True):
                 t.copy_(v)
         self.opt.load_state_dict(ckpt["optimizer"])
         self.rescale_state, self.epoch = ckpt["rescale_state"], ckpt["epoch"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
-import deq_functional as dq
+from deq_functional.solvers import SOLVERS
 
-SOLVER_CLASSES = {"picard": dq.Picard, "anderson": dq.Anderson, "broyden": dq.Broyden}
+SOLVER_CLASSES = SOLVERS  # name -> solver class: the library's registry, so every solver it lists is tested
 
 
-def contractive_matrix(n: int, rho: float, *, dtype=torch.float64, seed: int = 0, symmetric: bool = False) -> torch.Tensor:
+def contractive_matrix(
+    n: int, rho: float, *, dtype=torch.float64, seed: int = 0, symmetric: bool = False
+) -> torch.Tensor:
     """Random ``(n, n)`` matrix with spectral norm ``rho`` (spectral radius ``rho`` if symmetric)."""
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(n, n, generator=g, dtype=dtype)
@@ -58,7 +60,10 @@ def tuple_f(p, z, x):
 
 
 def tuple_params(n: int, *, dtype=torch.float64, seed: int = 0) -> dict:
-    return {"W1": contractive_matrix(n, 0.4, dtype=dtype, seed=seed), "W2": contractive_matrix(n // 2, 0.4, dtype=dtype, seed=seed + 1)}
+    return {
+        "W1": contractive_matrix(n, 0.4, dtype=dtype, seed=seed),
+        "W2": contractive_matrix(n // 2, 0.4, dtype=dtype, seed=seed + 1),
+    }
 
 
 def hard_sample_f(p, z, x):

@@ -10,7 +10,9 @@ D64 = torch.float64
 
 
 def test_weight_schedules_exact_values():
-    torch.testing.assert_close(correction_weights(3, "exp", 0.5, normalize=False), torch.tensor([0.25, 0.5, 1.0], dtype=D64))
+    torch.testing.assert_close(
+        correction_weights(3, "exp", 0.5, normalize=False), torch.tensor([0.25, 0.5, 1.0], dtype=D64)
+    )
     torch.testing.assert_close(correction_weights(3, "exp", 0.5), torch.tensor([1.0, 2.0, 4.0], dtype=D64) / 7)
     # torchdeq's linear: 1 - γ(n-i)/n
     torch.testing.assert_close(
@@ -36,10 +38,10 @@ def test_loss_value_and_gradients_on_toy_problem():
     w = [0.8 ** (4 - i) for i in range(1, 5)]
     w = [v / sum(w) for v in w]
     th = theta.detach()
-    expected = sum(wi * ((a**i * th - y) ** 2).sum() for wi, i in zip(w, range(1, 5)))
+    expected = sum(wi * ((a**i * th - y) ** 2).sum() for wi, i in zip(w, range(1, 5), strict=True))
     torch.testing.assert_close(loss, expected)
     (grad,) = torch.autograd.grad(loss, theta)
-    expected_grad = sum(wi * 2 * a**i * (a**i * th - y) for wi, i in zip(w, range(1, 5)))
+    expected_grad = sum(wi * 2 * a**i * (a**i * th - y) for wi, i in zip(w, range(1, 5), strict=True))
     torch.testing.assert_close(grad, expected_grad)
     # and against finite differences of the whole loss
     h = 1e-6
@@ -80,8 +82,12 @@ def test_with_fixed_point_trajectory():
     states = info.trajectory
     assert len(states) == 4
     loss = correction_loss(lambda z: z.pow(2).sum(), list(states), "exp")
-    (grad,) = torch.autograd.grad(loss, W)
-    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    (grad,) = torch.autograd.grad(loss, W, retain_graph=True)
+    # Oracle: Σ_i w_i ∂L(z_i)/∂W, each state's gradient taken on its own, w_i ∝ 0.8^(4−i).
+    w = torch.tensor([0.8**3, 0.8**2, 0.8, 1.0], dtype=D64) / (0.8**3 + 0.8**2 + 0.8 + 1.0)
+    per_state = [torch.autograd.grad(s.pow(2).sum(), W, retain_graph=True)[0] for s in states]
+    assert all(g.abs().sum() > 0 for g in per_state)
+    torch.testing.assert_close(grad, sum(wi * g for wi, g in zip(w, per_state, strict=True)))
     # the last state is (numerically) the fixed point: a one-state loss equals the plain loss
     torch.testing.assert_close(correction_loss(lambda z: z.pow(2).sum(), [states[-1]]), z_star.pow(2).sum())
 
@@ -94,10 +100,12 @@ def test_errors_name_the_problem():
         correction_loss(lambda s: s.sum(), [])
     with pytest.raises(ValueError, match="non-empty list/tuple"):
         correction_loss(lambda s: s.sum(), torch.ones(3, 2))
-    with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"^correction_loss: gamma must be a real number in \(0, 1\], got 1\.5$"):
         correction_loss(lambda s: s.sum(), z, "exp", gamma=1.5)
-    with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"^correction_loss: gamma must be a real number in \(0, 1\], got 0\.0$"):
         correction_loss(lambda s: s.sum(), z, "linear", gamma=0.0)
+    with pytest.raises(ValueError, match=r"^correction_weights: n must be an integer >= 1, got 0$"):
+        correction_weights(0)
     with pytest.raises(ValueError, match="explicit weights must be 2 numbers"):
         correction_loss(lambda s: s.sum(), z, [1.0])
     with pytest.raises(ValueError, match="non-negative and not all zero"):

@@ -7,20 +7,17 @@ import torch
 from torch import nn
 
 import deq_functional as dq
+from deq_functional._tree import flatten, tree_map
 from deq_functional.models import conv, count_params, mlp, multiscale, predict
 
 
 def _leaves(tree):
-    if isinstance(tree, dict):
-        return [leaf for k in sorted(tree) for leaf in _leaves(tree[k])]
-    return [tree]
+    return flatten(tree)[0]
 
 
 def _trainable(params):
     """A copy of params whose leaves require grad."""
-    if isinstance(params, dict):
-        return {k: _trainable(v) for k, v in params.items()}
-    return params.detach().clone().requires_grad_(True)
+    return tree_map(lambda t: t.detach().clone().requires_grad_(True), params)
 
 
 # ----------------------------------------------------------------------------- mlp
@@ -41,7 +38,7 @@ def test_mlp_shapes_and_init_contraction():
 def test_mlp_init_is_deterministic_and_contraction_none_keeps_default_scale():
     a = mlp.init(3, 10, 20, 4, contraction=None)
     b = mlp.init(torch.Generator().manual_seed(3), 10, 20, 4, contraction=None)
-    assert all(torch.equal(u, v) for u, v in zip(_leaves(a), _leaves(b)))
+    assert all(torch.equal(u, v) for u, v in zip(_leaves(a), _leaves(b), strict=True))
     assert a["latent"]["weight"].abs().max() <= 1 / 20**0.5
 
 
@@ -49,7 +46,7 @@ def test_mlp_rescale_bounds_spectral_norm_and_is_pure():
     p = mlp.init(0, 16, 24, 3, contraction=None)
     p["latent"]["weight"] = 3.0 * p["latent"]["weight"] / mlp.lipschitz_bound(p)
     before = p["latent"]["weight"].clone()
-    q, state = mlp.rescale(p, bound=0.8, n_iter=50)
+    q, state = mlp.rescale(p, bound=0.8, n_iter=50, generator=torch.Generator().manual_seed(0))
     assert torch.equal(p["latent"]["weight"], before)  # input untouched
     assert abs(float(mlp.lipschitz_bound(q)) - 0.8) < 1e-3
     assert q["embed"] is p["embed"] and q["readout"] is p["readout"]
@@ -66,13 +63,16 @@ def test_mlp_gradient_reaches_every_param():
 
 def test_mlp_bad_input():
     p = mlp.init(0, 12, 16, 5)
-    with pytest.raises(ValueError, match="12 features"):
+    msg = r"^mlp\.embed: expected inputs with 12 features per sample, got shape \(4, 13\)$"
+    with pytest.raises(ValueError, match=msg):
         mlp.embed(p, torch.randn(4, 13))
-    with pytest.raises(ValueError, match="hidden"):
+    with pytest.raises(ValueError, match=r"^mlp\.init: hidden must be an integer >= 1, got 0$"):
         mlp.init(0, 12, 0, 5)
-    with pytest.raises(ValueError, match="generator"):
+    with pytest.raises(ValueError, match=r"^mlp\.init: in_features must be an integer >= 1, got True$"):
+        mlp.init(0, True, 16, 5)
+    with pytest.raises(ValueError, match=r"^mlp\.init: generator must be a torch\.Generator or an int seed, got str$"):
         mlp.init("seed", 12, 16, 5)
-    with pytest.raises(ValueError, match="contraction"):
+    with pytest.raises(ValueError, match=r"^mlp\.init: contraction must be a real number in \(0, inf\), got -1\.0$"):
         mlp.init(0, 12, 16, 5, contraction=-1.0)
 
 
@@ -96,12 +96,15 @@ def test_conv_paper_size():
 
 def test_conv_rescale_makes_R_a_contraction():
     p = conv.init(0, (1, 28, 28), latent_blocks=2)
-    p["latent"] = {b: {c: {"weight": 3 * v["weight"], "bias": v["bias"]} for c, v in blk.items()} for b, blk in p["latent"].items()}
+    p["latent"] = tree_map(lambda t: 3 * t if t.dim() == 4 else t, p["latent"])  # triple every latent kernel
     g = torch.Generator().manual_seed(0)
     z1, z2, x = (torch.randn(8, 32, 9, 9, generator=g) for _ in range(3))
-    ratio = lambda q: (torch.linalg.vector_norm(conv.apply(q, z1, x) - conv.apply(q, z2, x)) / torch.linalg.vector_norm(z1 - z2))
+
+    def ratio(q):
+        return torch.linalg.vector_norm(conv.apply(q, z1, x) - conv.apply(q, z2, x)) / torch.linalg.vector_norm(z1 - z2)
+
     assert conv.lipschitz_bound(p) > 2.0
-    q, state = conv.rescale(p, lipschitz=0.8, n_iter=100)
+    q, state = conv.rescale(p, lipschitz=0.8, n_iter=100, generator=g)
     assert float(conv.lipschitz_bound(q)) <= 0.8 * 1.01
     assert float(ratio(q)) <= 0.8
     # Only the latent kernels change, and they only shrink.
@@ -121,14 +124,19 @@ def test_conv_rescale_warm_state_and_errors():
     _, state = conv.rescale(p, n_iter=5)
     assert set(state) == set(conv.latent_keys(p)) and state["latent.block0.conv1.weight"].shape == (32, 9, 9)
     conv.rescale(p, n_iter=1, state=state)
-    with pytest.raises(ValueError, match="gamma"):
+    msg = r"^conv\.rescale: lipschitz must exceed gamma=0\.5 \(R = γ·\(u \+ res\(u\)\)\), got 0\.4$"
+    with pytest.raises(ValueError, match=msg):
         conv.rescale(p, lipschitz=0.4)
-    with pytest.raises(ValueError, match="H in"):
+    msg = r"^conv\.embed: expected images \(B, 1, H, H\) with H in \[28, 32\], got shape \(2, 1, 30, 30\)$"
+    with pytest.raises(ValueError, match=msg):
         conv.embed(p, torch.randn(2, 1, 30, 30))
-    with pytest.raises(ValueError, match="in_shape"):
+    msg = r"^conv\.init: in_shape must be \(c_in, H, W\) with H = W in \[28, 32\], got \(1, 30, 30\)$"
+    with pytest.raises(ValueError, match=msg):
         conv.init(0, (1, 30, 30))
-    with pytest.raises(ValueError, match="multiple of 4"):
+    with pytest.raises(ValueError, match=r"^conv\.init: channels must be a multiple of 4 \(group norm\), got 30$"):
         conv.init(0, channels=30)
+    with pytest.raises(ValueError, match=r"^conv\.init: latent_blocks must be an integer >= 1, got 0$"):
+        conv.init(0, latent_blocks=0)
 
 
 def test_conv_gradients_ift_close_to_unrolled_in_float64():
@@ -155,7 +163,8 @@ def test_multiscale_tuple_state():
     assert bool(info.converged)
     multiscale.readout(p, z).square().sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in _leaves(p))
-    with pytest.raises(ValueError, match="multiples of 4"):
+    msg = r"^multiscale\.embed: expected images \(B, 1, H, W\) with H, W multiples of 4, got shape \(1, 1, 30, 30\)$"
+    with pytest.raises(ValueError, match=msg):
         multiscale.embed(p, torch.randn(1, 1, 30, 30))
 
 
@@ -193,5 +202,5 @@ def test_from_module_round_trip_matches_mlp_model():
     dq.to_module(module, new)
     torch.testing.assert_close(module.W.weight, new["W.weight"])
     torch.testing.assert_close(module(z, x), mlp.apply({"latent": {"weight": new["W.weight"]}}, z, x))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"to_module: \['V\.weight'\] are not parameters of TanhDEQ"):
         dq.to_module(module, {"V.weight": torch.zeros(16, 16)})

@@ -108,7 +108,9 @@ def test_spectral_normalize_compiles_fullgraph_same_numbers():
 # ---------------------------------------------------------------- conv_lipschitz_rescale
 
 
-@pytest.mark.parametrize("kernel,input_shape", [((4, 3, 3, 3), (3, 6, 5)), ((3, 3, 2, 2), (3, 5, 5)), ((2, 2, 5, 5), (2, 7, 7))])
+@pytest.mark.parametrize(
+    "kernel,input_shape", [((4, 3, 3, 3), (3, 6, 5)), ((3, 3, 2, 2), (3, 5, 5)), ((2, 2, 5, 5), (2, 7, 7))]
+)
 def test_conv_rescale_bounds_exact_operator_norm(kernel, input_shape):
     g = _gen(5)
     W = torch.randn(kernel, dtype=torch.float64, generator=g)
@@ -121,15 +123,24 @@ def test_conv_rescale_bounds_exact_operator_norm(kernel, input_shape):
     torch.testing.assert_close(state["conv"].norm(), torch.tensor(1.0, dtype=torch.float64))
 
 
-def test_conv_rescale_is_tighter_than_flattened_bound_and_shrink_only():
+def test_conv_rescale_uses_the_operator_norm_not_a_flattened_bound_and_only_shrinks():
     g = _gen(6)
+    shape = (4, 6, 6)
     W = torch.randn(4, 4, 3, 3, dtype=torch.float64, generator=g)
-    op = _exact_conv_norm(W, (4, 6, 6))
-    flat = torch.linalg.matrix_norm(W.reshape(4, -1), ord=2)
-    assert op <= flat * 3 + 1e-9  # ‖A‖ ≤ sqrt(kh·kw)·‖W_flat‖
-    big = float(op) * 2
-    new, _ = conv_lipschitz_rescale({"conv": W}, "conv", (4, 6, 6), bound=big, n_iter=50, generator=g)
+    op = float(_exact_conv_norm(W, shape))
+    flat = float(torch.linalg.matrix_norm(W.reshape(4, -1), ord=2))
+    # Precondition: ‖W_flat‖ < ‖A‖₂ < sqrt(kh·kw)·‖W_flat‖, so the three rules below disagree.
+    assert flat < op < 3 * flat
+    # A bound above ‖A‖₂ but below the sqrt(kh·kw)·‖W_flat‖ bound: the kernel is left exactly as it was.
+    new, _ = conv_lipschitz_rescale({"conv": W}, "conv", shape, bound=(op + 3 * flat) / 2, n_iter=50, generator=g)
     assert torch.equal(new["conv"], W)
+    # A bound between ‖W_flat‖ and ‖A‖₂: shrunk to exactly the bound (dense-Jacobian oracle), while the
+    # flattened-matrix rule of spectral_normalize sees nothing to shrink.
+    bound = (flat + op) / 2
+    new, _ = conv_lipschitz_rescale({"conv": W}, "conv", shape, bound=bound, n_iter=300, generator=g)
+    after = float(_exact_conv_norm(new["conv"], shape))
+    assert bound <= after <= bound * (1 + 1e-3)  # σ̂ ≤ ‖A‖₂: never shrinks past the bound
+    assert torch.equal(spectral_normalize({"W": W}, "W", bound=bound, generator=g)[0]["W"], W)
 
 
 def test_conv_rescale_warm_state_and_gradient_matches_exact_rescaling():
@@ -140,7 +151,8 @@ def test_conv_rescale_warm_state_and_gradient_matches_exact_rescaling():
     _, state = conv_lipschitz_rescale({"c": W}, "c", shape, n_iter=500, generator=g)
     # warm state: one more iteration per call is already converged
     new, _ = conv_lipschitz_rescale({"c": W}, "c", shape, bound=0.5, n_iter=1, state=state)
-    torch.testing.assert_close(_exact_conv_norm(new["c"], shape), torch.tensor(0.5, dtype=torch.float64), rtol=1e-8, atol=0)
+    exact_after = _exact_conv_norm(new["c"], shape)
+    torch.testing.assert_close(exact_after, torch.tensor(0.5, dtype=torch.float64), rtol=1e-8, atol=0)
 
     def ours(W):
         return (conv_lipschitz_rescale({"c": W}, "c", shape, bound=0.5, n_iter=1, state=state)[0]["c"] * C).sum()
@@ -166,10 +178,12 @@ def test_errors_name_the_problem():
         spectral_normalize(params, "b")
     with pytest.raises(ValueError, match="leads to a dict"):
         spectral_normalize(params, "latent")
-    with pytest.raises(ValueError, match="n_iter"):
+    with pytest.raises(ValueError, match=r"^spectral_normalize: n_iter must be an integer >= 1, got 0$"):
         spectral_normalize(params, "latent.W", n_iter=0)
-    with pytest.raises(ValueError, match="bound"):
+    with pytest.raises(ValueError, match=r"^spectral_normalize: bound must be a real number in \(0, inf\), got 0\.0$"):
         spectral_normalize(params, "latent.W", bound=0.0)
+    with pytest.raises(ValueError, match=r"^conv_lipschitz_rescale: bound must be finite, got inf$"):
+        conv_lipschitz_rescale(params, "latent.W", (3, 4, 4), bound=float("inf"))
     with pytest.raises(ValueError, match="no vector for 'latent.W'"):
         spectral_normalize(params, "latent.W", state={})
     with pytest.raises(ValueError, match=r"state\['latent.W'\] has shape \(2,\)"):

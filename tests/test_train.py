@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from deq_functional._tree import named_leaves
+from deq_functional.gradients import GRAD_MODES
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import train  # noqa: E402
 
@@ -17,10 +20,10 @@ TINY = ["--dataset", "synthetic", "--limit", "96", "--batch-size", "32", "--widt
 
 
 def _params(out: Path) -> list[tuple[str, torch.Tensor]]:
-    return train.tree_items(torch.load(out / "params.pt", weights_only=True))
+    return named_leaves(torch.load(out / "params.pt", weights_only=True))
 
 
-@pytest.mark.parametrize("mode", train.GRAD_MODES)
+@pytest.mark.parametrize("mode", sorted(GRAD_MODES))
 def test_one_epoch_writes_log_and_params(tmp_path, mode):
     out = tmp_path / mode
     train.main(TINY + ["--grad-mode", mode, "--epochs", "1", "--out", str(out)])
@@ -34,7 +37,8 @@ def test_one_epoch_writes_log_and_params(tmp_path, mode):
     assert "latent.block0.conv1.weight" in params and params["latent.block0.conv1.weight"].shape == (8, 8, 3, 3)
     assert log["num_params"] == sum(t.numel() for t in params.values())
     # The run changed the params: compare with a fresh init from the same seed.
-    fresh = train.build_model(train.Config(dataset="synthetic", width=8, blocks=1), train.datasets.load("synthetic"), torch.device("cpu"))[1]
+    config = train.Config(dataset="synthetic", width=8, blocks=1)
+    fresh = train.build_model(config, train.datasets.load("synthetic"), torch.device("cpu"))[1]
     assert not torch.equal(params["readout.fc.weight"], fresh["readout"]["fc"]["weight"].detach())
 
 
@@ -50,7 +54,7 @@ def test_resume_continues_exactly(tmp_path):
     train.main(TINY + ["--epochs", "2", "--out", str(straight)])
     train.main(TINY + ["--epochs", "1", "--out", str(resumed)])
     train.main(TINY + ["--epochs", "2", "--out", str(resumed), "--resume"])
-    for (name, a), (_, b) in zip(_params(straight), _params(resumed)):
+    for (name, a), (_, b) in zip(_params(straight), _params(resumed), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     logs = [json.loads((p / "log.json").read_text())["epochs"] for p in (straight, resumed)]
     assert [e["epoch"] for e in logs[1]] == [1, 2]
@@ -70,10 +74,20 @@ def test_other_models_train(tmp_path, model):
 
 def test_missing_dataset_files_exit_with_instructions(tmp_path):
     with pytest.raises(SystemExit, match="--download"):
-        train.main(["--dataset", "mnist", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--quiet"])
+        train.main(["--dataset", "mnist", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+                    "--quiet"])
 
 
 def test_ddp_flag_outside_torchrun_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(SystemExit, match="torchrun"):
         train.main(TINY + ["--ddp", "--out", str(tmp_path)])
+
+
+def test_grad_mode_and_solver_come_from_the_library():
+    import deq_functional as dq
+
+    for name, cls in GRAD_MODES.items():
+        assert type(train.make_grad_mode(train.Config(grad_mode=name))) is cls
+    assert train.make_grad_mode(train.Config(grad_mode="neumann", neumann_k=3)) == dq.Neumann(3)
+    assert train.make_solver(train.Config(solver="broyden", max_iter=7, tol=1e-5)) == dq.Broyden(max_iter=7, tol=1e-5)

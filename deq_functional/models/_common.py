@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .._fixed_point import fixed_point
+from .._tree import flatten
 
 NEGATIVE_SLOPE = 0.1  # leaky ReLU slope used by the JFB paper's networks
 
@@ -32,12 +33,6 @@ def check_generator(generator: Any, fn: str) -> torch.Generator:
     if isinstance(generator, int) and not isinstance(generator, bool):
         return torch.Generator().manual_seed(generator)
     raise ValueError(f"{fn}: generator must be a torch.Generator or an int seed, got {type(generator).__name__}")
-
-
-def check_positive_int(value: Any, name: str, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
-    return value
 
 
 def uniform(shape: tuple, fan_in: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -68,23 +63,9 @@ def group_norm(channels: int, dtype) -> dict:
     return {"weight": torch.ones(channels, dtype=dtype), "bias": torch.zeros(channels, dtype=dtype)}
 
 
-def requires_grad(params: Any) -> Any:
-    """Mark every tensor leaf of a nested dict as a trainable leaf (in place); returns ``params``."""
-    if isinstance(params, dict):
-        for v in params.values():
-            requires_grad(v)
-    elif isinstance(params, torch.Tensor):
-        params.requires_grad_(True)
-    return params
-
-
 def count_params(params: Any) -> int:
-    """Number of scalars in a nested dict / list / tuple of tensors."""
-    if isinstance(params, dict):
-        return sum(count_params(v) for v in params.values())
-    if isinstance(params, (list, tuple)):
-        return sum(count_params(v) for v in params)
-    return params.numel() if isinstance(params, torch.Tensor) else 0
+    """Number of scalars in a pytree (nested dict / list / tuple) of tensors; other leaves count 0."""
+    return sum(t.numel() for t in flatten(params)[0] if isinstance(t, torch.Tensor))
 
 
 def predict(model: ModuleType, params: Any, d: torch.Tensor, **fixed_point_kwargs: Any) -> tuple[torch.Tensor, Any]:

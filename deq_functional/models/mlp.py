@@ -31,11 +31,12 @@ Supports: backward / grad / vmap / compile (plain tensor ops).
 
 from __future__ import annotations
 
-
 import torch
+from einops import rearrange
 
+from .._checks import check_int, check_real
 from ..normalization import spectral_normalize
-from ._common import check_generator, check_positive_int, linear
+from ._common import check_generator, linear
 
 __all__ = ["init", "embed", "apply", "readout", "rescale", "lipschitz_bound"]
 
@@ -69,9 +70,9 @@ def init(
     fn = "mlp.init"
     g = check_generator(generator, fn)
     for name, value in (("in_features", in_features), ("hidden", hidden), ("num_classes", num_classes)):
-        check_positive_int(value, name, fn)
-    if contraction is not None and not contraction > 0:
-        raise ValueError(f"{fn}: contraction must be None or > 0, got {contraction!r}")
+        check_int(fn, name, value, 1)
+    if contraction is not None:
+        check_real(fn, "contraction", contraction, 0.0, open_low=True)
     W = linear(hidden, hidden, g, dtype, bias=False)["weight"]
     if contraction is not None:
         sigma = torch.linalg.matrix_norm(W.double(), ord=2).to(dtype)
@@ -90,9 +91,11 @@ def embed(params: dict, d: torch.Tensor) -> torch.Tensor:
         ValueError: the flattened input size is not ``in_features``.
     """
     U = params["embed"]["weight"]
-    flat = d.reshape(d.shape[0], -1)
+    flat = rearrange(d, "b ... -> b (...)")
     if flat.shape[1] != U.shape[1]:
-        raise ValueError(f"mlp.embed: expected inputs with {U.shape[1]} features per sample, got shape {tuple(d.shape)}")
+        raise ValueError(
+            f"mlp.embed: expected inputs with {U.shape[1]} features per sample, got shape {tuple(d.shape)}"
+        )
     return flat @ U.T + params["embed"]["bias"]
 
 
@@ -111,7 +114,14 @@ def lipschitz_bound(params: dict) -> torch.Tensor:
     return torch.linalg.matrix_norm(params["latent"]["weight"].detach(), ord=2)
 
 
-def rescale(params: dict, bound: float = 0.9, *, n_iter: int = 1, state: dict | None = None) -> tuple[dict, dict]:
+def rescale(
+    params: dict,
+    bound: float = 0.9,
+    *,
+    n_iter: int = 1,
+    state: dict | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[dict, dict]:
     """Keep ``R`` a contraction: ``W ← W · min(1, bound / σ̂(W))`` (spectral rescaling).
 
     A pure function on the params pytree, built on
@@ -120,7 +130,12 @@ def rescale(params: dict, bound: float = 0.9, *, n_iter: int = 1, state: dict | 
     Use it inside the loss (reparametrisation: gradients flow to the raw ``W``) or
     after each optimiser step under ``torch.no_grad()`` (projection, as the JFB paper does).
 
+    Args:
+        params: this model's params (not modified).
+        bound: target bound on ``‖W‖₂`` (> 0).
+        n_iter, state, generator: power-iteration settings (see ``spectral_normalize``).
+
     Returns:
         ``(new_params, state)``; ``new_params`` shares every other leaf with ``params``.
     """
-    return spectral_normalize(params, ["latent.weight"], bound=bound, n_iter=n_iter, state=state)
+    return spectral_normalize(params, ["latent.weight"], bound=bound, n_iter=n_iter, state=state, generator=generator)

@@ -43,8 +43,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import reduce
 
-from ._common import NEGATIVE_SLOPE, check_generator, check_positive_int, conv, group_norm, linear
+from .._checks import check_int
+from ._common import NEGATIVE_SLOPE, check_generator, conv, group_norm, linear
 
 __all__ = ["init", "embed", "apply", "readout"]
 
@@ -74,9 +76,9 @@ def init(
     """
     fn = "multiscale.init"
     g = check_generator(generator, fn)
-    check_positive_int(in_channels, "in_channels", fn)
-    check_positive_int(channels, "channels", fn)
-    check_positive_int(num_classes, "num_classes", fn)
+    check_int(fn, "in_channels", in_channels, 1)
+    check_int(fn, "channels", channels, 1)
+    check_int(fn, "num_classes", num_classes, 1)
     if channels % GROUPS:
         raise ValueError(f"{fn}: channels must be a multiple of {GROUPS} (group norm), got {channels}")
     c, c2 = channels, 2 * channels
@@ -138,5 +140,5 @@ def apply(params: dict, z: tuple, x: tuple) -> tuple[torch.Tensor, torch.Tensor]
 
 def readout(params: dict, z: tuple) -> torch.Tensor:
     """``S(z)``: average-pool each branch, concatenate ``(B, 3C)``, linear -> ``(B, num_classes)``."""
-    pooled = torch.cat([t.mean(dim=(2, 3)) for t in z], dim=1)
+    pooled = torch.cat([reduce(t, "b c h w -> b c", "mean") for t in z], dim=1)
     return pooled @ params["readout"]["weight"].T + params["readout"]["bias"]
