@@ -9,6 +9,7 @@ from ._module import from_module, to_module
 from .correction import correction_loss, correction_weights
 from .gradients import IFT, JFB, GradMode, Neumann, Phantom, Unrolled
 from .memory import SavedTensorBytes
+from .module import DEQ
 from .normalization import conv_lipschitz_rescale, spectral_normalize
 from .regularizers import jacobian_frobenius, spectral_radius
 from .solvers import Anderson, Broyden, Picard, Solver
@@ -31,6 +32,7 @@ __all__ = [
     "Unrolled",
     "from_module",
     "to_module",
+    "DEQ",
     "SavedTensorBytes",
     "spectral_normalize",
     "conv_lipschitz_rescale",

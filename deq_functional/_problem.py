@@ -73,11 +73,14 @@ class Problem:
         ``save_on_cpu()``); there the product comes from eager autograd on a recomputed graph.
         """
         if relinearize:
+            # Tensors the loop body closes over must not alias one another (z's leaves are
+            # views of one flat iterate): fresh copies once here; and, for torch 2.13, fresh
+            # copies inside the body again (it refuses to trace vjp on the lifted ones).
+            z, param_leaves, x_leaves = tree_map(torch.clone, (z, list(param_leaves), list(x_leaves)))
 
             def relinearized(u: Any) -> Any:
-                p = [t.clone() for t in param_leaves]
-                x = [t.clone() for t in x_leaves]
-                _, pullback = torch.func.vjp(lambda zz: self.call(p, zz, x), tree_map(torch.clone, z))
+                p, x, zz = tree_map(torch.clone, (param_leaves, x_leaves, z))
+                _, pullback = torch.func.vjp(lambda v: self.call(p, v, x), zz)
                 return pullback(u)[0]
 
             return relinearized

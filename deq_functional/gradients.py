@@ -207,10 +207,10 @@ class Unrolled(GradMode):
 GRAD_MODES = {"ift": IFT, "jfb": JFB, "neumann": Neumann, "phantom": Phantom, "unrolled": Unrolled}
 
 
-def as_grad_mode(mode: Any) -> GradMode:
+def as_grad_mode(mode: Any, owner: str = "fixed_point") -> GradMode:
     """A grad-mode instance from an instance or a name in ``GRAD_MODES`` (``ValueError`` otherwise)."""
     if isinstance(mode, GradMode):
         return mode
     if isinstance(mode, str) and mode.lower() in GRAD_MODES:
         return GRAD_MODES[mode.lower()]()
-    raise ValueError(f"fixed_point: unknown grad_mode {mode!r}; use one of {sorted(GRAD_MODES)} or an instance")
+    raise ValueError(f"{owner}: unknown grad_mode {mode!r}; use one of {sorted(GRAD_MODES)} or a GradMode instance")
