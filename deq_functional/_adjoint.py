@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ._transforms import is_compiling
 from ._tree import flatten, unflatten
 
 
@@ -53,9 +54,11 @@ def attach_implicit(mode: Any, call: Any, z_K: Any) -> Any:
     problem = call.problem
     z_out = problem.map(detached=False)(z_K)
     out_leaves = flatten(z_out)[0]
-    if not any(t.requires_grad for t in out_leaves):
-        # Nothing to differentiate: the Function is the identity. (Also sidesteps a Dynamo
-        # bug in torch 2.14 that passes a ctx to a setup_context-style forward in this case.)
+    if is_compiling() and not any(t.requires_grad for t in out_leaves):
+        # Nothing to differentiate, so the Function would be the identity; skipping it sidesteps
+        # a Dynamo bug in torch 2.14 that passes a ctx to a setup_context-style forward then.
+        # (Only under compile: inside vmap, batched tensors report requires_grad=False even when
+        # the tensors they wrap require it, and skipping would silently give JFB's gradient.)
         return z_out
     tensors = (*out_leaves, *flatten(z_K)[0], *problem.param_leaves, *problem.x_leaves)
     return unflatten(problem.z_spec, list(ImplicitBackward.apply(mode, call, *tensors)))
