@@ -106,7 +106,8 @@ def _raise_nonfinite(info: Info, what: str) -> None:
     raise FixedPointError(
         f"{what}: non-finite iterate at step {', '.join(map(str, steps))}: "
         f"residual {info.residual.reshape(-1)[bad].tolist()} "
-        f"({int(bad.sum())} of {bad.numel()} problem(s)). Try: {Status.NONFINITE.advice}."
+        f"({int(bad.sum())} of {bad.numel()} problem(s); NaN/Inf values, or norms past the dtype's range). "
+        f"Try: {Status.NONFINITE.advice}."
     )
 
 

@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming what is wrong; non-convergence is reported, not hidden."""
 
+import dataclasses
 import math
 
 import pytest
@@ -134,9 +135,11 @@ def test_unknown_names_in_fixed_point(kwargs, needle):
         dq.fixed_point(linear_f, {"A": torch.eye(3, dtype=torch.float64) * 0.5}, _x(), **kwargs)
 
 
-def test_solvers_are_frozen():
-    with pytest.raises(Exception):
+def test_solvers_and_grad_modes_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'm'"):
         dq.Anderson().m = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'k'"):
+        dq.Neumann().k = 3  # type: ignore[misc]
 
 
 def test_per_sample_needs_a_common_batch_dim():

@@ -74,7 +74,8 @@ def test_neumann_zero_is_jfb_and_large_k_approaches_ift():
     exact = _closed_form(A, x, c)
     errors = [(_grads(dq.Neumann(k), solver, A, x, c)[0] - exact[0]).norm() for k in (1, 5, 20, 120)]
     assert all(b < a for a, b in zip(errors, errors[1:]))
-    assert errors[-1] < 1e-12 * exact[0].norm() * 1e6
+    # ρ(A) = 0.7: the tail after 121 terms is ~0.7^121 ≈ 2e-19 of the sum, so only round-off is left
+    assert errors[-1] < 1e-6 * exact[0].norm()
 
 
 def test_neumann_series_is_the_truncated_sum():
@@ -144,8 +145,8 @@ def test_tanh_deq_ift_gradient_passes_gradcheck():
 
 
 def test_ift_adjoint_nonconvergence_warns_or_raises_from_backward():
-    A, x, c = _linear_case()
-    A = contractive_matrix(N, 0.99, seed=3)
+    _, x, c = _linear_case()
+    A = contractive_matrix(N, 0.99, seed=3)  # slow: 3 adjoint Picard steps cannot reach 1e-10
     for setting, expect in (("warn", pytest.warns(dq.FixedPointWarning, match="adjoint")), ("raise", pytest.raises(dq.FixedPointError, match="adjoint"))):
         A_ = A.clone().requires_grad_()
         mode = dq.IFT(solver=dq.Picard(max_iter=3, tol=1e-10))

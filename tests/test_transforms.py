@@ -105,23 +105,6 @@ def test_inside_save_on_cpu_and_saved_tensors_hooks(mode):
     assert packed  # the hooks really were active
 
 
-def test_autocast_bf16_forward_on_cpu():
-    torch.manual_seed(0)
-    p = {"W": (0.3 * torch.randn(16, 16)).requires_grad_(), "U": torch.randn(16, 8).requires_grad_()}
-    x = torch.randn(4, 8)
-
-    def f(p, z, x):
-        return torch.tanh(z @ p["W"].T + x @ p["U"].T)  # matmuls run in bf16 under autocast
-
-    for mode in ("ift", "jfb"):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            z, info = dq.fixed_point(f, p, x, z0=torch.zeros(4, 16), solver=dq.Anderson(max_iter=30, tol=1e-2), grad_mode=mode)
-        assert z.dtype == torch.float32 and torch.isfinite(z).all()
-        z.square().sum().backward()
-        assert torch.isfinite(p["W"].grad).all() and p["W"].grad.abs().sum() > 0
-        p["W"].grad = p["U"].grad = None
-
-
 def test_from_module_round_trip_and_gradients():
     class Layer(torch.nn.Module):
         def __init__(self):
