@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench docs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,14 @@ bench: install
 	$(PIP) install -q -e '.[test,examples,bench]'
 	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/latest.json -q $(BENCH_ARGS)
 	$(PY) bench/make_results.py bench/latest.json bench/RESULTS.md
+
+# Documentation site (docs/, mkdocs.yml) into site/; warnings are errors.
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PIP) install -q -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) runs .benchmarks
