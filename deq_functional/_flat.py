@@ -60,7 +60,7 @@ class FlatView:
         leaves, self.spec = flatten(z)
         if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
             raise ValueError(f"{owner}: the state must be a pytree of tensors, got {describe(z)}")
-        self.shapes = [t.shape for t in leaves]
+        self.shapes = [tuple(t.shape) for t in leaves]  # tuples: a torch.Size of SymInts cannot be lifted into while_loop
         self.dtypes = [t.dtype for t in leaves]
         self.dtype = leaves[0].dtype
         for t in leaves[1:]:
@@ -68,13 +68,13 @@ class FlatView:
         if not self.dtype.is_floating_point:
             raise ValueError(f"{owner}: the state must be floating point, got {describe(z)}")
         if per_sample:
-            sizes = {t.shape[0] if t.dim() else None for t in leaves}
-            if len(sizes) != 1 or None in sizes:
+            # no set of sizes here: hashing a symbolic size would make torch.compile specialise on it
+            if not all(t.dim() for t in leaves) or any(t.shape[0] != leaves[0].shape[0] for t in leaves):
                 raise ValueError(
                     f"{owner}(per_sample=True): every leaf of the state needs the same leading "
                     f"(batch) dim, got {describe(z)}"
                 )
-            self.batch = sizes.pop()
+            self.batch = leaves[0].shape[0]
             self.sizes = [math.prod(s[1:]) for s in self.shapes]
         else:
             self.batch = 1

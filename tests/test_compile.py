@@ -172,3 +172,24 @@ def test_failures_are_flagged_in_info_not_raised():
     assert torch.equal(eager_diverged.nstep, diverged.nstep)
     with pytest.raises(dq.FixedPointError, match="non-finite"):
         run(torch.tensor(float("nan")))  # eager raises
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_a_new_batch_size_recompiles_once_with_dynamic_shapes(per_sample):
+    """torch.compile's default retries a new shape with symbolic sizes: that graph must work
+    (a torch.Size of SymInts cannot be lifted into while_loop) and serve every later size."""
+    torch._dynamo.reset()
+    W, _, _ = _data()
+    solver = dq.Broyden(max_iter=40, tol=1e-5)
+
+    def fn(W, x):
+        return dq.fixed_point(f, {"W": W}, x, solver=solver, grad_mode="ift", per_sample=per_sample)
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    for batch in (4, 6, 7, 9):
+        x = torch.randn(batch, N, generator=torch.Generator().manual_seed(batch))
+        (zc, ic), (ze, ie) = compiled(W, x), fn(W, x)
+        torch.testing.assert_close(zc, ze, rtol=1e-5, atol=1e-6)
+        assert torch.equal(ic.nstep, ie.nstep) and torch.equal(ic.status, ie.status)
+    assert counter.frame_count == 2  # the static first size, then one dynamic graph
