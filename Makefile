@@ -12,7 +12,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# Lint, then the tests (they also build the docs site with --strict and run every guide's code).
+test: install $(VENV)/.docs-installed
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q --doctest-modules deq_functional tests
 
 demo: install
@@ -33,4 +35,4 @@ docs: $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) runs .benchmarks
+	rm -rf $(VENV) runs .benchmarks site

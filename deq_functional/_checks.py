@@ -32,7 +32,7 @@ def check_real(owner: str, name: str, value: Any, low: float, high: float = math
 
 
 def check_finite_real(owner: str, name: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False) -> float:
-    """Like :func:`check_real`, and ``value`` must be finite."""
+    """Like `check_real`, and ``value`` must be finite."""
     check_real(owner, name, value, low, high, open_low=open_low)
     if not math.isfinite(value):
         raise ValueError(f"{owner}: {name} must be finite, got {value!r}")

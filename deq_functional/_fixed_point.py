@@ -78,7 +78,7 @@ def fixed_point(
     under ``vmap``, and for ``Unrolled`` under compile, the whole ``max_iter`` budget runs
     with stopped problems masked.
 
-    Example:
+    Examples:
         >>> import torch, deq_functional as dq
         >>> W = 0.3 * torch.eye(3, dtype=torch.float64)
         >>> f = lambda p, z, x: torch.tanh(z @ p["W"] + x)

@@ -25,7 +25,7 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def row_norms(t: torch.Tensor) -> torch.Tensor:
-    """``‖t_b‖₂`` per row of a ``(B, D)`` matrix, accumulated in :func:`work_dtype` (no fp16 overflow)."""
+    """``‖t_b‖₂`` per row of a ``(B, D)`` matrix, accumulated in `work_dtype` (no fp16 overflow)."""
     return torch.linalg.vector_norm(t, dim=1, dtype=work_dtype(t.dtype))
 
 
@@ -110,5 +110,5 @@ def first_slots(n: Any, size: int, device: torch.device) -> Any:
 
 
 def used_slots(buffer: torch.Tensor, slots: Any) -> torch.Tensor:
-    """``buffer[:, :slots]`` for an int from :func:`first_slots`, else the whole ``(B, size, ...)`` buffer."""
+    """``buffer[:, :slots]`` for an int from `first_slots`, else the whole ``(B, size, ...)`` buffer."""
     return buffer[:, :slots] if isinstance(slots, int) else buffer

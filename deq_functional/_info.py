@@ -68,12 +68,14 @@ class Info(NamedTuple):
         converged: ``status == Status.CONVERGED`` (bool).
         status: ``Status`` code per problem (int64).
 
-    Extras, present only when asked for (then ``info`` is a subclass of ``Info``):
-        trace: ``(max_iter+1,)`` or ``(max_iter+1, B)`` residuals ``‖f(z_k) − z_k‖`` for
-            ``k = 0..max_iter``; NaN after a problem stopped (``trace=True``).
-        best_step: iteration the returned iterate came from (``return_best=True``).
-        trajectory: tuple of intermediate states for the correction loss; the one field
-            that is differentiable on purpose (``return_trajectory=k``).
+    Extras are present only when asked for (``info`` is then a subclass of ``Info``, with
+    these fields appended):
+
+    - ``trace``: ``(max_iter+1,)`` or ``(max_iter+1, B)`` residuals ``‖f(z_k) − z_k‖`` for
+      ``k = 0..max_iter``; NaN after a problem stopped (``trace=True``);
+    - ``best_step``: iteration the returned iterate came from (``return_best=True``);
+    - ``trajectory``: tuple of intermediate states for the correction loss, the one field
+      that is differentiable on purpose (``return_trajectory=k``).
     """
 
     nstep: torch.Tensor

@@ -3,7 +3,7 @@
 Buffers (batch norm's running statistics, counters) are state the module may write to
 in place during ``forward``. A pure ``f`` must not: ``fixed_point`` applies f many times
 per solve, and under ``torch.func`` transforms (IFT's adjoint vjps) an in-place write to a
-captured tensor is an error. So :func:`module_call` hands ``functional_call`` a fresh copy
+captured tensor is an error. So `module_call` hands ``functional_call`` a fresh copy
 of every buffer at each call: the module's writes land in the copy and are dropped.
 """
 
@@ -60,7 +60,7 @@ def from_module(module: nn.Module) -> tuple[dict[str, torch.Tensor], Callable[[A
     Raises:
         ValueError: ``module`` is not an ``nn.Module``.
 
-    Example:
+    Examples:
         >>> import torch, deq_functional as dq
         >>> params, f = dq.from_module(torch.nn.Bilinear(3, 3, 3))
         >>> sorted(params)

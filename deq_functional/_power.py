@@ -2,12 +2,12 @@ r"""Power iteration on a linear operator given as a function, and its start vect
 
 One loop serves every norm or eigenvalue estimate in the library:
 
-* the spectral norm of a weight matrix ``M`` (:func:`~deq_functional.spectral_normalize`):
+* the spectral norm of a weight matrix ``M`` (`deq_functional.spectral_normalize`):
   iterate ``u ↦ M Mᵀ u``; ``σ̂ = ‖Mᵀ u‖``;
-* the operator norm of a convolution ``A`` (:func:`~deq_functional.conv_lipschitz_rescale`,
+* the operator norm of a convolution ``A`` (`deq_functional.conv_lipschitz_rescale`,
   ``models.conv.lipschitz_bound``): iterate ``x ↦ Aᵀ A x`` (``Aᵀ`` = transposed convolution);
   ``σ̂ = ‖A x‖``;
-* the spectral radius of a Jacobian (:func:`~deq_functional.spectral_radius`): iterate
+* the spectral radius of a Jacobian (`deq_functional.spectral_radius`): iterate
   ``v ↦ Jᵀ v`` (one vjp), on a pytree, with one norm per sample.
 
 For the norm of an operator ``B`` the iterate is a unit vector ``x`` in ``B``'s input space and
@@ -42,7 +42,7 @@ def power_iteration(
 ) -> tuple[Any, torch.Tensor]:
     r"""``n_iter`` steps of ``v ← normalize(op(v))``; returns the last ``v`` and the last norm.
 
-    With ``w_k = op(v_k)``::
+    With ``w_k = op(v_k)``:
 
         v_{k+1} = w_k / ‖w_k‖,      ρ̂_k = ‖w_k‖,      k = 0 .. n_iter−1
 
@@ -57,7 +57,7 @@ def power_iteration(
         v: start vector (a tensor, or whatever ``op`` and ``normalize`` take, e.g. a pytree).
             Need not be a unit vector; it must not be orthogonal to the top eigenvector.
         n_iter: number of steps (``>= 1``; the caller validates it).
-        normalize: ``w -> (w / ‖w‖, ‖w‖)``; default :func:`unit`. Pass a per-sample version
+        normalize: ``w -> (w / ‖w‖, ‖w‖)``; default `unit`. Pass a per-sample version
             to run ``B`` independent iterations at once (``‖w‖`` then has shape ``(B,)``).
 
     Returns:

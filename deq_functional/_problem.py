@@ -57,7 +57,7 @@ class Problem:
         return [_detach(t) for t in self.param_leaves], [_detach(t) for t in self.x_leaves]
 
     def map(self, detached: bool) -> Callable[[Any], Any]:
-        """``z ↦ f(params, z, x)`` (``detached``: params and x detached, see :meth:`leaves`)."""
+        """``z ↦ f(params, z, x)`` (``detached``: params and x detached, see `leaves`)."""
         p, x = self.leaves(detached)
         return lambda z: self.call(p, z, x)
 

@@ -65,7 +65,7 @@ class Rule(NamedTuple):
         return torch.where(status == RUNNING, code, status)
 
     def update_host(self, status: int, res: float, scale: float, res_min: float, eps: float) -> int:
-        """:meth:`update` for one problem whose numbers were read on the host."""
+        """`update` for one problem whose numbers were read on the host."""
         if status != RUNNING:
             return status
         finite, diverged, converged = self._verdict(res, scale, res_min, eps)

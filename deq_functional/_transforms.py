@@ -51,7 +51,7 @@ def _read_refused(t: torch.Tensor) -> bool:  # pragma: no cover - fallback only
 
 
 def regime(sample: torch.Tensor | None = None) -> Regime:
-    """The regime of the code running now (``sample``: see :func:`inside_vmap`)."""
+    """The regime of the code running now (``sample``: see `inside_vmap`)."""
     if is_compiling():
         return Regime.COMPILED
     if inside_vmap(sample):

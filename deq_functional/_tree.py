@@ -52,7 +52,7 @@ def _flatten_into(tree: Any, leaves: list) -> TreeSpec:
 
 
 def unflatten(spec: TreeSpec, leaves: list | tuple) -> Any:
-    """Inverse of :func:`flatten`."""
+    """Inverse of `flatten`."""
     it = iter(leaves)
     out = _build(spec, it)
     if next(it, _NONE) is not _NONE:
@@ -121,13 +121,13 @@ def same_layout(out: Any, like: Any) -> bool:
 
 
 def named_leaves(tree: Any) -> list[tuple[str, Any]]:
-    """``[(key path, leaf)]`` in :func:`flatten`'s order (sorted string keys, depth first).
+    """``[(key path, leaf)]`` in `flatten`'s order (sorted string keys, depth first).
 
     Dict keys are written with ``str``; list, tuple and namedtuple children by index;
     ``None`` nodes hold no leaf and are skipped. A bare leaf gets the path ``""``.
     Cost: one walk of the tree.
 
-    Example:
+    Examples:
         >>> named_leaves({"b": [torch.zeros(1)], "a": {"w": torch.ones(2)}})
         [('a.w', tensor([1., 1.])), ('b.0', tensor([0.]))]
     """
@@ -171,7 +171,7 @@ def get_path(tree: Any, path: str, owner: str = "get_path") -> Any:
         ValueError: ``"<owner>: unknown key path '<path>': ..."`` naming the part that
             does not exist and what is there instead.
 
-    Example:
+    Examples:
         >>> get_path({"convs": [{"weight": 1.0}]}, "convs.0.weight")
         1.0
     """
@@ -188,9 +188,9 @@ def set_path(tree: Any, path: str, value: Any, owner: str = "set_path") -> Any:
     path is shared with ``tree``, so untouched leaves keep their identity.
 
     Raises:
-        ValueError: as :func:`get_path`, when ``path`` does not exist in ``tree``.
+        ValueError: as `get_path`, when ``path`` does not exist in ``tree``.
 
-    Example:
+    Examples:
         >>> t = {"a": {"w": 1.0}, "b": 2.0}
         >>> set_path(t, "a.w", 5.0), t
         ({'a': {'w': 5.0}, 'b': 2.0}, {'a': {'w': 1.0}, 'b': 2.0})

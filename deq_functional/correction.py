@@ -20,7 +20,7 @@ def correction_weights(
     gamma: float = 0.8,
     normalize: bool = True,
 ) -> torch.Tensor:
-    r"""The weights ``w_1..w_n`` that :func:`correction_loss` applies to states ``1..n`` (oldest first).
+    r"""The weights ``w_1..w_n`` that `correction_loss` applies to states ``1..n`` (oldest first).
 
     Schedules, for states ordered from the earliest (``i = 1``) to the one
     closest to the fixed point (``i = n``), before normalisation:
@@ -91,7 +91,7 @@ def correction_loss(
     denser training signal and corrects the bias of the inexact gradient. Get
     the states from ``fixed_point(..., return_trajectory=k)`` as ``info.trajectory``
     (oldest first, last = closest to the fixed point), or pass any sequence
-    of states. The weights ``w_i`` are those of :func:`correction_weights`:
+    of states. The weights ``w_i`` are those of `correction_weights`:
     ``"exp"`` ``∝ γ^(n−i)``, ``"linear"`` ``∝ 1 − γ(n−i)/n``, ``"const"`` ``∝ 1``, normalised to
     sum to 1 unless ``normalize=False``.
 
@@ -120,7 +120,7 @@ def correction_loss(
 
     Supports: backward / torch.func.grad / vmap / torch.compile (weights are built from Python numbers).
 
-    Example:
+    Examples:
         >>> import torch, deq_functional as dq
         >>> states = [torch.tensor(4.0), torch.tensor(2.0), torch.tensor(1.0)]
         >>> round(dq.correction_loss(lambda z: z ** 2, states, "const").item(), 6)   # (16 + 4 + 1) / 3

@@ -85,7 +85,8 @@ class IFT(GradMode):
         solver: solver for the adjoint problem (instance or "picard" | "anderson" |
             "broyden"); ``None`` reuses the forward solver.
 
-    References: Bai, Kolter, Koltun, "Deep Equilibrium Models", NeurIPS 2019.
+    References:
+        Bai, Kolter, Koltun, "Deep Equilibrium Models", NeurIPS 2019.
     """
 
     solver: Any = None

@@ -33,7 +33,7 @@ class SavedTensorBytes:
         total_bytes: unique saved bytes so far, storages of ``exclude`` included.
         count: number of tensors saved (with repeats, excluded ones included).
 
-    Example:
+    Examples:
         >>> import torch, deq_functional as dq
         >>> w = torch.ones(4, requires_grad=True)
         >>> with dq.SavedTensorBytes() as saved:

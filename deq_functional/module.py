@@ -22,7 +22,7 @@ class DEQ(nn.Module):
 
     ``cell`` is registered as a submodule, so its parameters and buffers are this module's
     (``parameters()``, optimisers, ``state_dict``, ``.to(...)``, DDP, ``torch.compile``
-    see them). Each call runs :func:`deq_functional.fixed_point` on the cell's *current*
+    see them). Each call runs `deq_functional.fixed_point` on the cell's *current*
     parameters through ``torch.func.functional_call``: gradients land in the cell's
     ``.grad`` fields exactly as ``fixed_point`` on the equivalent hand-written f gives them.
 
@@ -61,7 +61,7 @@ class DEQ(nn.Module):
             anything ``fixed_point`` refuses (f's output not shaped like z).
         FixedPointError: as ``fixed_point`` (non-finite iterates, ``on_nonconvergence="raise"``).
 
-    Example:
+    Examples:
         >>> import torch, deq_functional as dq
         >>> class Cell(torch.nn.Module):
         ...     def __init__(self):

@@ -5,7 +5,7 @@ Nothing is hidden in a module: the power-iteration vectors live in a plain
 call, so both functions work inside ``torch.func`` transforms and inside a
 ``torch.compile(fullgraph=True)`` train step (no ``.item()``, no host sync).
 
-Recipe (each step of a compiled train step)::
+Recipe (each step of a compiled train step):
 
     def loss_fn(params, sn_state, x, y):
         p, sn_state = dq.spectral_normalize(params, ["latent.W"], bound=0.9, state=sn_state)
@@ -100,7 +100,7 @@ def spectral_normalize(
 
     For each key, the weight is viewed as a matrix ``M = W.reshape(out, -1)``
     (a linear ``(out, in)`` weight, or a conv kernel ``(out, in, kh, kw)`` flattened
-    as in Miyato et al.). Power iteration from the stored left vector ``u``::
+    as in Miyato et al.). Power iteration from the stored left vector ``u``:
 
         u ← normalize(M Mᵀ u)      (n_iter times, on M.detach())
         σ̂ = ‖Mᵀ u‖                 (differentiable in M)
@@ -111,7 +111,7 @@ def spectral_normalize(
     step, one iteration per step suffices in training (Miyato et al., 2018).
     Weights with ``σ̂ ≤ bound`` are returned unchanged. For a conv kernel this
     bounds the norm of the reshaped matrix, not of the convolution operator
-    (use :func:`conv_lipschitz_rescale` for that).
+    (use `conv_lipschitz_rescale` for that).
 
     Cost: ``2 · n_iter + 1`` matrix-vector products per key; no SVD.
 
@@ -140,7 +140,7 @@ def spectral_normalize(
 
     Supports: backward / torch.func.grad (through σ̂, power vectors detached), torch.compile(fullgraph=True).
 
-    Example:
+    Examples:
         >>> import torch, deq_functional as dq
         >>> params = {"latent": {"W": 3.0 * torch.eye(4)}}
         >>> p, state = dq.spectral_normalize(params, ["latent.W"], bound=0.5, n_iter=3)
@@ -182,14 +182,14 @@ def conv_lipschitz_rescale(
     ``A: x ↦ conv2d(x, W, stride=1, padding=(kh//2, kw//2))`` on inputs of shape
     ``input_shape = (C, H, W)`` (zero padding, no bias, dilation 1, groups 1).
     Its operator norm ``‖A‖₂`` is estimated by power iteration with ``Aᵀ =
-    conv_transpose2d`` (same padding), starting from the stored input-space vector::
+    conv_transpose2d`` (same padding), starting from the stored input-space vector:
 
         x ← normalize(Aᵀ A x)   (n_iter times, on W.detach())
         σ̂ = ‖A x‖               (differentiable in W)
 
     and ``W ← W · min(1, bound/σ̂)``. ``σ̂ ≤ ‖A‖₂`` always; pass the state back
     to warm-start the next call. ``‖A‖₂`` depends on ``H, W`` (zero padding) and
-    is at most the flattened-kernel bound of :func:`spectral_normalize` times
+    is at most the flattened-kernel bound of `spectral_normalize` times
     ``sqrt(kh·kw)``; it is the quantity that makes a latent convolution
     layer ``bound``-Lipschitz.
 
@@ -228,7 +228,7 @@ def conv_lipschitz_rescale(
 
     Supports: backward / torch.func.grad (through σ̂, power vectors detached), torch.compile(fullgraph=True).
 
-    Example:
+    Examples:
         >>> import torch, deq_functional as dq
         >>> params = {"conv": torch.randn(4, 4, 3, 3)}
         >>> p, state = dq.conv_lipschitz_rescale(params, "conv", (4, 8, 8), bound=0.9, n_iter=50)

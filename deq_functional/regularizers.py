@@ -84,7 +84,7 @@ def jacobian_frobenius(
 ) -> torch.Tensor:
     r"""Hutchinson estimate of ``‖J‖²_F / d`` with ``J = ∂f/∂z`` at ``z_star``, differentiable in params.
 
-    With probes ``ε`` (i.i.d., ``E[ε εᵀ] = I``) shaped like ``f``'s output::
+    With probes ``ε`` (i.i.d., ``E[ε εᵀ] = I``) shaped like ``f``'s output:
 
         ‖J‖²_F = E_ε ‖εᵀ J‖²   ≈   (1/n) Σ_{i=1..n} ‖ε_iᵀ J‖²,     returned: that / d
 
@@ -126,7 +126,7 @@ def jacobian_frobenius(
 
     Supports: backward / torch.func.grad (w.r.t. params, x), torch.func.vmap (with ``randomness=``).
 
-    Example:
+    Examples:
         >>> import torch, deq_functional as dq
         >>> f = lambda p, z, x: torch.tanh(z @ p["W"].T + x)
         >>> params = {"W": (0.5 * torch.eye(3)).requires_grad_()}
@@ -165,7 +165,7 @@ def spectral_radius(
 ) -> torch.Tensor:
     r"""Power-iteration estimate of the spectral radius ``ρ(J) = max |λ(J)|`` of ``J = ∂f/∂z`` at ``z_star``.
 
-    Iterates on ``Jᵀ`` (one vjp per step) from a random unit ``v_0``::
+    Iterates on ``Jᵀ`` (one vjp per step) from a random unit ``v_0``:
 
         w_k = Jᵀ v_k,    ρ̂_k = ‖w_k‖,    v_{k+1} = w_k / ‖w_k‖
 
@@ -180,13 +180,15 @@ def spectral_radius(
     to converge at ``z_star``.
 
     A monitoring tool (as in Bai et al.'s plots): computed without a graph and
-    returned detached. To penalise the Jacobian use :func:`jacobian_frobenius`.
+    returned detached. To penalise the Jacobian use `jacobian_frobenius`.
 
     Cost: one forward of ``f`` plus ``n_iter`` vjps, no graph kept.
 
     Args:
         f: ``f(params, z, x) -> z_next``.
-        params, z_star, x: as for :func:`jacobian_frobenius`.
+        params: as for `jacobian_frobenius`.
+        z_star: as for `jacobian_frobenius`.
+        x: as for `jacobian_frobenius`.
         n_iter: power iterations (>= 1).
         generator: optional ``torch.Generator`` for ``v_0``.
         per_sample: if True, one estimate per leading-dim sample, shape ``(B,)``
@@ -206,7 +208,7 @@ def spectral_radius(
 
     Supports: eager, torch.func.vmap (with ``randomness=``); the result carries no gradient.
 
-    Example:
+    Examples:
         >>> import torch, deq_functional as dq
         >>> f = lambda p, z, x: z @ p["A"].T + x
         >>> params = {"A": torch.tensor([[0.5, 2.0], [0.0, -0.8]])}  # eigenvalues 0.5, -0.8

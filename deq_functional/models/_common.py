@@ -76,13 +76,13 @@ def predict(model: ModuleType, params: Any, d: torch.Tensor, **fixed_point_kwarg
             ``embed``, ``apply``, ``readout``).
         params: that model's params.
         d: a batch of inputs, e.g. images ``(B, C, H, W)``.
-        **fixed_point_kwargs: passed to :func:`deq_functional.fixed_point`
+        **fixed_point_kwargs: passed to `deq_functional.fixed_point`
             (``solver``, ``grad_mode``, ``per_sample``, ``trace``, ...).
 
     Returns:
         ``(logits (B, num_classes), info)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from deq_functional.models import mlp, predict
         >>> p = mlp.init(0, in_features=4, hidden=8, num_classes=3)

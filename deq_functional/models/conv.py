@@ -15,24 +15,24 @@ For 28×28×1 images (MNIST, digits) and 32×32×3 images (SVHN, CIFAR-10). With
 
 Lipschitz constant in ``z``: ``σ`` is 1-Lipschitz, so
 ``Lip_z(R) ≤ γ · Π_ℓ (1 + ‖W_ℓ1‖·‖W_ℓ2‖)`` (operator norms of the convolutions on
-``(C, h, w)``). :func:`rescale` makes every latent convolution ``b``-Lipschitz with
+``(C, h, w)``). `rescale` makes every latent convolution ``b``-Lipschitz with
 ``b = sqrt((λ/γ)^{1/L} − 1)`` so that ``Lip_z(R) ≤ λ``; this is the paper's Lipschitz
 rescaling, done per convolution by power iteration
-(:func:`deq_functional.normalization.conv_lipschitz_rescale`) instead of a random
+(`deq_functional.normalization.conv_lipschitz_rescale`) instead of a random
 difference quotient. The paper's latent batch norm and dropout are left out so that
 ``R`` is a pure function of ``(params, z, x)`` (no running statistics, no randomness).
 
 With ``channels=32`` and two latent blocks on 28×28×1 this has 54,352 parameters
 (the paper's MNIST network had ~54K); with one block, 35,856.
 
-Params::
+Params:
 
     {"embed":   {"conv1": {"weight", "bias"}, "norm1": {"weight", "bias"},
                  "conv2": {"weight", "bias"}, "norm2": {"weight", "bias"}},
      "latent":  {"block0": {"conv1": {"weight", "bias"}, "conv2": {"weight", "bias"}}, ...},
      "readout": {"conv": {"weight", "bias"}, "fc": {"weight": (num_classes, 16·(h−2)²)}}}
 
-Example:
+Examples:
     >>> import torch, deq_functional as dq
     >>> from deq_functional.models import conv
     >>> p = conv.init(0, in_shape=(1, 28, 28))
@@ -202,14 +202,16 @@ def rescale(
 
     Each latent kernel is shrunk (never grown) so its convolution on ``latent_shape(params)``
     has operator norm ``≤ b = sqrt((λ/γ)^{1/L} − 1)`` (see the module docstring), by
-    :func:`deq_functional.normalization.conv_lipschitz_rescale`. Pass the returned
+    `deq_functional.normalization.conv_lipschitz_rescale`. Pass the returned
     ``state`` back to warm-start the power iteration (then ``n_iter=1..2`` per step suffices).
 
     Args:
         params: this model's params (not modified).
         lipschitz: target bound ``λ`` on ``Lip_z(R)``, ``> gamma``.
         gamma: the ``γ`` that ``apply`` is called with.
-        n_iter, state, generator: power-iteration settings (see ``conv_lipschitz_rescale``).
+        n_iter: power-iteration steps (see ``conv_lipschitz_rescale``).
+        state: the power-iteration state a previous call returned, or None.
+        generator: seeds the start vector when ``state`` is None.
 
     Returns:
         ``(new_params, state)``; gradients flow to the raw kernels (reparametrisation).
@@ -226,7 +228,7 @@ def lipschitz_bound(params: dict, *, gamma: float = GAMMA, n_iter: int = 100) ->
     """Upper bound ``γ Π_ℓ (1 + ‖W_ℓ1‖‖W_ℓ2‖)`` on ``Lip_z(R)``, a detached scalar.
 
     Each operator norm on ``latent_shape(params)`` is estimated by ``n_iter`` power iterations
-    (:func:`deq_functional.normalization.conv_operator_norm`, from a fixed seed-0 start), so the
+    (`deq_functional.normalization.conv_operator_norm`, from a fixed seed-0 start), so the
     product is an estimate of the bound, approached from below. Cost: ``2·(2·n_iter + 1)``
     convolutions of one latent-sized input per block.
     """

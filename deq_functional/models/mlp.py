@@ -7,17 +7,17 @@ In the JFB paper's notation ``N(d) = S(z*)`` with ``z* = R(z*, Q(d))``:
 * ``S(z) = V z + c``                      (``readout``; ``(B, hidden) -> (B, num_classes)``)
 
 so ``R(z, Q(d)) = tanh(W z + U d + b)``. ``tanh`` is 1-Lipschitz, hence
-``Lip_z(R) ≤ ‖W‖₂``: keeping ``‖W‖₂ < 1`` (``contraction`` at init, :func:`rescale`
+``Lip_z(R) ≤ ‖W‖₂``: keeping ``‖W‖₂ < 1`` (``contraction`` at init, `rescale`
 during training) makes ``R`` a contraction and the fixed point unique
 (Banach), which is the setting where JFB's gradient is a descent direction.
 
-Params (nested dict of tensors)::
+Params (nested dict of tensors):
 
     {"embed":   {"weight": (hidden, in_features), "bias": (hidden,)},
      "latent":  {"weight": (hidden, hidden)},
      "readout": {"weight": (num_classes, hidden), "bias": (num_classes,)}}
 
-Example:
+Examples:
     >>> import torch, deq_functional as dq
     >>> from deq_functional.models import mlp
     >>> p = mlp.init(0, in_features=64, hidden=32, num_classes=10, contraction=0.5)
@@ -125,7 +125,7 @@ def rescale(
     """Keep ``R`` a contraction: ``W ← W · min(1, bound / σ̂(W))`` (spectral rescaling).
 
     A pure function on the params pytree, built on
-    :func:`deq_functional.normalization.spectral_normalize` (power iteration; pass the
+    `deq_functional.normalization.spectral_normalize` (power iteration; pass the
     returned ``state`` back each step so one iteration per step tracks ``σ_max``).
     Use it inside the loss (reparametrisation: gradients flow to the raw ``W``) or
     after each optimiser step under ``torch.no_grad()`` (projection, as the JFB paper does).
@@ -133,7 +133,9 @@ def rescale(
     Args:
         params: this model's params (not modified).
         bound: target bound on ``‖W‖₂`` (> 0).
-        n_iter, state, generator: power-iteration settings (see ``spectral_normalize``).
+        n_iter: power-iteration steps (see ``spectral_normalize``).
+        state: the power-iteration state a previous call returned, or None.
+        generator: seeds the start vector when ``state`` is None.
 
     Returns:
         ``(new_params, state)``; ``new_params`` shares every other leaf with ``params``.

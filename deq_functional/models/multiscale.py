@@ -18,14 +18,14 @@ same structure, so ``fixed_point`` iterates on a pytree. With ``σ`` the leaky R
 The per-sample group norm (as in MDEQ) keeps iterates bounded; unlike the
 ``conv`` model there is no contraction guarantee, so use Anderson or Broyden.
 
-Params::
+Params:
 
     {"embed":   {"conv_in": {...}, "norm_in": {...}, "conv_down": {...}},
      "latent":  {"hi": {...}, "lo": {...}, "lo_to_hi": {...}, "hi_to_lo": {...},
                  "norm_hi": {...}, "norm_lo": {...}},
      "readout": {"weight": (num_classes, 3C), "bias": (num_classes,)}}
 
-Example:
+Examples:
     >>> import torch, deq_functional as dq
     >>> from deq_functional.models import multiscale
     >>> p = multiscale.init(0, in_channels=1, channels=8)

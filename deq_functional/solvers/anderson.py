@@ -59,12 +59,13 @@ class Anderson(Solver):
     a second combination when ``β < 1``) and an ``m × m`` solve; memory ``2 m B D``.
 
     Attributes:
-        max_iter, tol: budget and relative tolerance (see ``Solver`` for the keyword options).
+        max_iter: iteration budget (see ``Solver`` for the keyword options).
+        tol: relative tolerance.
         m: history size (paper: ``m``), ``>= 1``.
         beta: mixing / damping (paper: ``β_k``), in ``(0, 1]``.
         lam: ridge λ relative to the Gram matrix's scale, ``>= 0``.
 
-    Example:
+    Examples:
         >>> import torch, deq_functional as dq
         >>> A = torch.tensor([[0.9, 0.05], [0.0, 0.9]])
         >>> z, info = dq.Anderson(tol=1e-6)(lambda z: A @ z + 1.0, torch.zeros(2))

@@ -17,7 +17,7 @@ def low_rank_inverse(us: torch.Tensor, vs: torch.Tensor, pairs: Any, w: torch.Te
 
     Args:
         us, vs: ``(B, M, D)`` pair stacks.
-        pairs: the pairs in use, from :func:`first_slots`: an int ``n`` (the first n, sliced)
+        pairs: the pairs in use, from `first_slots`: an int ``n`` (the first n, sliced)
             or an ``(M,)`` bool mask.
         w: ``(B, D)``.
 
@@ -52,10 +52,11 @@ class Broyden(Solver):
     memory ``2 · memory · B D``.
 
     Attributes:
-        max_iter, tol: budget and relative tolerance (see ``Solver`` for the keyword options).
+        max_iter: iteration budget (see ``Solver`` for the keyword options).
+        tol: relative tolerance.
         memory: number of rank-one pairs kept, ``>= 1``.
 
-    Example:
+    Examples:
         >>> import torch, deq_functional as dq
         >>> z, info = dq.Broyden(tol=1e-6)(lambda z: 0.5 * torch.tanh(z) + 1.0, torch.zeros(4))
         >>> bool(info.converged)

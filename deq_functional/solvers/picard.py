@@ -19,11 +19,12 @@ class Picard(Solver):
     (Krasnosel'skii–Mann). Cost per iteration: one ``g`` call, no memory beyond ``z``.
 
     Attributes:
-        max_iter, tol: budget and relative tolerance (see ``Solver`` for ``atol``,
-            ``divergence_ratio``, ``check_every``, ``return_best``).
+        max_iter: iteration budget (see ``Solver`` for ``atol``, ``divergence_ratio``,
+            ``check_every``, ``return_best``).
+        tol: relative tolerance.
         damping: ``β ∈ (0, 1]``; 1 is the plain iteration ``z ← g(z)``.
 
-    Example:
+    Examples:
         >>> import torch, deq_functional as dq
         >>> z, info = dq.Picard(max_iter=100, tol=1e-8)(lambda z: 0.5 * z + 1.0, torch.zeros(3))
         >>> torch.allclose(z, torch.full((3,), 2.0))
