@@ -49,7 +49,7 @@ class ImplicitBackward(torch.autograd.Function):
         return (None, None, *flatten(u)[0], *([None] * len(saved)))
 
 
-def attach_implicit(mode: Any, call: Any, z_K: Any) -> Any:
+def implicit_output(mode: Any, call: Any, z_K: Any) -> Any:
     """``z_star = f(params, z_K, x)`` routed through ``ImplicitBackward`` so backward uses ``mode.adjoint``."""
     problem = call.problem
     z_out = problem.map(detached=False)(z_K)

@@ -9,11 +9,11 @@ import torch
 
 from ._checks import check_bool, check_choice, check_int
 from ._info import Info, with_fields
-from ._problem import Problem, check_output
+from ._problem import Problem
 from ._report import ON_NONCONVERGENCE, apply_policy
 from ._solve import Solution, iterate
 from ._transforms import inside_vmap
-from ._tree import flatten, tree_map, unflatten
+from ._tree import tree_map
 from .gradients import IFT, ForwardCall, as_grad_mode
 from .solvers import Anderson, as_solver
 
@@ -104,17 +104,14 @@ def fixed_point(
     if not graph:
         z0 = tree_map(torch.Tensor.detach, z0)
     with contextlib.nullcontext() if graph else torch.no_grad():
-        p, xs = problem.leaves(detached=not graph)
-        out0 = problem.call_raw(p, z0, xs)
-        check_output(out0, z0, z0_given, x)
-        gz0 = unflatten(problem.z_spec, [o.to(d) for o, d in zip(flatten(out0)[0], problem.z_dtypes)])
+        gz0 = problem.first_call(z0, detached=not graph, z0_given=z0_given)
         sol = iterate(
             solver, problem.map(detached=not graph), z0, gz0,
             per_sample=per_sample, what=FORWARD_SOLVE, trace=trace,
             keep_states=return_trajectory > 0, graph=graph, constant_mixing=mode.constant_mixing,
         )
     apply_policy(on_nonconvergence, sol.host_status, sol.info, solver, FORWARD_SOLVE)
-    z_star = mode.attach(ForwardCall(problem, solver, per_sample, on_nonconvergence), sol.z, sol.gz)
+    z_star = mode.output(ForwardCall(problem, solver, per_sample, on_nonconvergence), sol.z, sol.answer)
     info = sol.info
     if return_trajectory:
         info = with_fields(info, trajectory=_trajectory(problem, sol, return_trajectory))
@@ -123,8 +120,8 @@ def fixed_point(
 
 def _trajectory(problem: Problem, sol: Solution, k: int) -> tuple:
     """``k`` states evenly spaced over iterations 1..K (last = K), each ``f(params, z_i.detach(), x)``."""
-    states = sol.states or [sol.view.to_flat(sol.z).detach()]
+    states = sol.states or [tree_map(torch.Tensor.detach, sol.z)]
     n = len(states)
     picks = sorted({round(n - 1 - i * (n - 1) / max(k - 1, 1)) for i in range(min(k, n))})
     step = problem.map(detached=False)
-    return tuple(step(sol.view.from_flat(states[i])) for i in picks)
+    return tuple(step(states[i]) for i in picks)

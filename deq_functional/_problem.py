@@ -36,13 +36,22 @@ class Problem:
         """Number of tensor leaves of the state (a Python int: static under compile)."""
         return len(self.z_dtypes)
 
-    def call_raw(self, param_leaves: list, z: Any, x_leaves: list) -> Any:
-        """``f(params, z, x)`` exactly as f returns it."""
+    def call(self, param_leaves: list, z: Any, x_leaves: list) -> Any:
+        """``f(params, z, x)`` with each output leaf cast to the state's dtype: the one way to call f."""
+        return self._cast(self._f(param_leaves, z, x_leaves))
+
+    def first_call(self, z0: Any, *, detached: bool, z0_given: bool) -> Any:
+        """``f(params, z0, x)``, checked against ``z0`` (see :func:`check_output`), then cast."""
+        params, x = self.leaves(detached)
+        out = self._f(params, z0, x)
+        check_output(out, z0, z0_given, unflatten(self.x_spec, self.x_leaves))
+        return self._cast(out)
+
+    def _f(self, param_leaves: list, z: Any, x_leaves: list) -> Any:
         return self.f(unflatten(self.param_spec, param_leaves), z, unflatten(self.x_spec, x_leaves))
 
-    def call(self, param_leaves: list, z: Any, x_leaves: list) -> Any:
-        """``f(params, z, x)`` with each output leaf cast to the state's dtype."""
-        out = self.call_raw(param_leaves, z, x_leaves)
+    def _cast(self, out: Any) -> Any:
+        """Each leaf of f's output in the state's dtype (a no-op but under autocast)."""
         if isinstance(out, torch.Tensor) and self.z_spec.kind == "leaf":  # fast path, one tensor
             return out if out.dtype == self.z_dtypes[0] else out.to(self.z_dtypes[0])
         leaves, spec = flatten(out)

@@ -21,15 +21,22 @@ from .solvers._base import Solver, StepOptions
 
 
 class Solution(NamedTuple):
-    """``z`` (= z_K, or the best iterate) and ``gz = g(z)`` as pytrees, the report, the status
-    codes read on the host (eager only, else ``None``), and the kept iterates ``(B, D)``."""
+    """A finished solve, as pytrees shaped like ``z0``.
+
+    Attributes:
+        z: the last iterate ``z_K`` (or the best one with ``return_best``).
+        answer: ``g(z_K)``, one more application of ``g``: what a solve returns (the
+            counting contract), and the differentiable path for ``Unrolled``.
+        info: the report.
+        host_status: the status codes read on the host (eager only, else ``None``).
+        states: the detached iterates ``z_1 .. z_K`` when ``keep_states``, else empty.
+    """
 
     z: Any
-    gz: Any
+    answer: Any
     info: Info
     host_status: list | None
     states: list
-    view: FlatView
 
 
 def iterate(
@@ -87,7 +94,8 @@ def iterate(
     z, gz, info = loop.finish(run.state, per_sample)
     if run.host_status is not None and Status.NONFINITE in run.host_status:
         _raise_nonfinite(info, what)
-    return Solution(view.from_flat(z), view.from_flat(gz), info, run.host_status, run.states, view)
+    states = [view.from_flat(s) for s in run.states]
+    return Solution(view.from_flat(z), view.from_flat(gz), info, run.host_status, states)
 
 
 def solve_map(solver: Solver, g: Callable[[Any], Any], z0: Any, *, per_sample: bool, trace: bool) -> tuple[Any, Info]:
@@ -97,7 +105,7 @@ def solve_map(solver: Solver, g: Callable[[Any], Any], z0: Any, *, per_sample: b
     if not same_layout(gz0, z0):
         raise ValueError(f"{owner}: g(z) must return the structure and shapes of z; got {describe(gz0)} for z0 = {describe(z0)}")
     out = iterate(solver, g, z0, gz0, per_sample=per_sample, what=owner, trace=trace)
-    return out.gz, out.info
+    return out.answer, out.info
 
 
 def _raise_nonfinite(info: Info, what: str) -> None:

@@ -1,7 +1,7 @@
 """Gradient modes: how gradients flow from ``z*`` back to ``params`` and ``x``.
 
-Each mode is a frozen dataclass derived from ``GradMode``; ``attach(call, z_K, gz_K)``
-builds the differentiable output from the solver's last iterate ``z_K``:
+Each mode is a frozen dataclass derived from ``GradMode``; ``output(call, z_K, gz_K)``
+builds the differentiable ``z_star`` from the solver's last iterate ``z_K``:
 
 ========== ============================================================ ===================
 mode       gradient returned (ḡ = ∂L/∂z*, J = ∂f/∂z at z_K)               backward cost
@@ -25,7 +25,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from ._adjoint import attach_implicit
+from ._adjoint import implicit_output
 from ._checks import check_bool, check_int, check_real
 from ._problem import Problem
 from ._report import apply_policy
@@ -54,7 +54,7 @@ class GradMode:
     differentiates_iterations: ClassVar[bool] = False
     constant_mixing: ClassVar[bool] = False
 
-    def attach(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:  # pragma: no cover - abstract
+    def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:  # pragma: no cover - abstract
         """The differentiable ``z_star`` from the last iterate ``z_K`` (and ``gz_K = f(z_K)``)."""
         raise NotImplementedError
 
@@ -95,17 +95,17 @@ class IFT(GradMode):
         if self.solver is not None:
             object.__setattr__(self, "solver", as_solver(self.solver, owner="IFT"))
 
-    def attach(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
-        return attach_implicit(self, call, z_K)
+    def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
+        return implicit_output(self, call, z_K)
 
     def adjoint(self, call: ForwardCall, z_K: Any, params: list, x: list, cotangent: Any) -> Any:
         """``u = (I − Jᵀ)⁻¹ ḡ`` by the adjoint solver, from ``u_0 = 0`` (so ``g(u_0) = ḡ``)."""
         solver = self.solver or call.solver
-        jt = call.problem.transposed_jacobian(z_K, params, x, relinearize=is_compiling())
+        vjp = call.problem.transposed_jacobian(z_K, params, x, relinearize=is_compiling())
         zeros = tree_map(torch.zeros_like, cotangent)
-        sol = iterate(solver, lambda u: _add(jt(u), cotangent), zeros, cotangent, per_sample=call.per_sample, what=ADJOINT_SOLVE)
+        sol = iterate(solver, lambda u: _add(vjp(u), cotangent), zeros, cotangent, per_sample=call.per_sample, what=ADJOINT_SOLVE)
         apply_policy(call.on_nonconvergence, sol.host_status, sol.info, solver, ADJOINT_SOLVE)
-        return sol.gz
+        return sol.answer
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class JFB(GradMode):
     direction when f is contractive in z. Backward cost: one vjp.
     """
 
-    def attach(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
+    def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
         return call.problem.map(detached=False)(tree_map(torch.Tensor.detach, z_K))
 
 
@@ -136,14 +136,14 @@ class Neumann(GradMode):
     def __post_init__(self) -> None:
         check_int("Neumann", "k", self.k, 0)
 
-    def attach(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
-        return attach_implicit(self, call, z_K)
+    def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
+        return implicit_output(self, call, z_K)
 
     def adjoint(self, call: ForwardCall, z_K: Any, params: list, x: list, cotangent: Any) -> Any:
-        jt = call.problem.transposed_jacobian(z_K, params, x, relinearize=False)
+        vjp = call.problem.transposed_jacobian(z_K, params, x, relinearize=False)
         u = term = cotangent
         for _ in range(self.k):
-            term = jt(term)
+            term = vjp(term)
             u = _add(u, term)
         return u
 
@@ -169,7 +169,7 @@ class Phantom(GradMode):
         check_int("Phantom", "k", self.k, 1)
         check_real("Phantom", "damping", self.damping, 0.0, 1.0, open_low=True)
 
-    def attach(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
+    def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
         step = call.problem.map(detached=False)
         z = tree_map(torch.Tensor.detach, z_K)
         for _ in range(self.k):
@@ -201,7 +201,7 @@ class Unrolled(GradMode):
     def constant_mixing(self) -> bool:  # type: ignore[override]
         return not self.differentiate_mixing
 
-    def attach(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
+    def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
         return gz_K
 
 
