@@ -12,9 +12,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Lint, then the tests (they also build the docs site with --strict and run every guide's code).
+# Lint and type-check, then the tests (they also build the docs site with --strict and run every guide's code).
 test: install $(VENV)/.docs-installed
 	$(PY) -m ruff check .
+	$(VENV)/bin/pyright
 	$(PY) -m pytest -q --doctest-modules deq_functional tests
 
 demo: install

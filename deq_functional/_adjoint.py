@@ -43,7 +43,7 @@ class ImplicitBackward(torch.autograd.Function):
         x = [t.detach() for t in saved[n_z + n_p :]]
         z_K = unflatten(problem.z_spec, list(z_leaves))
         cotangent = unflatten(
-            problem.z_spec, [torch.zeros_like(z) if c is None else c for c, z in zip(cotangents, z_leaves)]
+            problem.z_spec, [torch.zeros_like(z) if c is None else c for c, z in zip(cotangents, z_leaves, strict=True)]
         )
         u = ctx.mode.adjoint(ctx.call, z_K, params, x, cotangent)
         return (None, None, *flatten(u)[0], *([None] * len(saved)))

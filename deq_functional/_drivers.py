@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._loop import Loop, LoopState
 from ._info import Status
+from ._loop import Loop, LoopState
 from ._stopping import RUNNING
 from ._tree import flatten, unflatten
 

@@ -43,6 +43,17 @@ def write_slot(buffer: torch.Tensor, dim: int, index: Any, item: torch.Tensor, i
     return buffer.index_copy(dim, index, item.unsqueeze(dim).to(buffer.dtype))
 
 
+def common_batch(leaves: list, owner: str, what: str) -> int:
+    """The leading (batch) dim every leaf shares; ``ValueError`` naming ``owner`` and ``what`` otherwise.
+
+    (No set of sizes: hashing a symbolic size would make torch.compile specialise on it.)
+    """
+    if not leaves or not all(t.dim() for t in leaves) or any(t.shape[0] != leaves[0].shape[0] for t in leaves):
+        shapes = [tuple(t.shape) for t in leaves]
+        raise ValueError(f"{owner}: every leaf of {what} needs the same leading (batch) dim, got shapes {shapes}")
+    return leaves[0].shape[0]
+
+
 class FlatView:
     """Maps pytrees shaped like ``z`` to ``(B, D)`` matrices and back.
 
@@ -68,13 +79,7 @@ class FlatView:
         if not self.dtype.is_floating_point:
             raise ValueError(f"{owner}: the state must be floating point, got {describe(z)}")
         if per_sample:
-            # no set of sizes here: hashing a symbolic size would make torch.compile specialise on it
-            if not all(t.dim() for t in leaves) or any(t.shape[0] != leaves[0].shape[0] for t in leaves):
-                raise ValueError(
-                    f"{owner}(per_sample=True): every leaf of the state needs the same leading "
-                    f"(batch) dim, got {describe(z)}"
-                )
-            self.batch = leaves[0].shape[0]
+            self.batch = common_batch(leaves, f"{owner}(per_sample=True)", "the state")
             self.sizes = [math.prod(s[1:]) for s in self.shapes]
         else:
             self.batch = 1
@@ -83,13 +88,13 @@ class FlatView:
     def to_flat(self, tree: Any) -> torch.Tensor:
         """Pytree shaped like ``z`` -> ``(B, D)`` tensor in the common dtype."""
         leaves = flatten(tree)[0]
-        parts = [t.reshape(self.batch, n).to(self.dtype) for t, n in zip(leaves, self.sizes)]
+        parts = [t.reshape(self.batch, n).to(self.dtype) for t, n in zip(leaves, self.sizes, strict=True)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def from_flat(self, flat: torch.Tensor) -> Any:
         """``(B, D)`` tensor -> pytree shaped like ``z`` (each leaf back in its own dtype)."""
         parts = (flat,) if len(self.sizes) == 1 else torch.split(flat, self.sizes, dim=1)
-        leaves = [p.reshape(s).to(d) for p, s, d in zip(parts, self.shapes, self.dtypes)]
+        leaves = [p.reshape(s).to(d) for p, s, d in zip(parts, self.shapes, self.dtypes, strict=True)]
         return unflatten(self.spec, leaves)
 
 

@@ -103,5 +103,5 @@ def make_info(nstep, residual, rel_residual, status, **extra: Any) -> Info:
 
 def with_fields(info: Info, **extra: Any) -> Info:
     """``info`` with more extra fields appended."""
-    present = dict(zip(info._fields[len(Info._fields) :], info[len(Info._fields) :]))
+    present = dict(zip(info._fields[len(Info._fields) :], info[len(Info._fields) :], strict=True))
     return make_info(info.nstep, info.residual, info.rel_residual, info.status, **present, **extra)

@@ -69,8 +69,8 @@ def power_iteration(
         von Mises & Pollaczek-Geiringer, "Praktische Verfahren der Gleichungsauflösung",
         ZAMM 1929 (power iteration). Golub & Van Loan, "Matrix Computations", §7.3.1.
     """
-    norm = None
-    for _ in range(n_iter):
+    v, norm = normalize(op(v))
+    for _ in range(n_iter - 1):
         v, norm = normalize(op(v))
     return v, norm
 

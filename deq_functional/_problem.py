@@ -57,7 +57,7 @@ class Problem:
         leaves, spec = flatten(out)
         if spec != self.z_spec:
             raise ValueError(f"fixed_point: f returned {describe(out)} on a later call; the structure must not change")
-        return unflatten(spec, [o.to(d) for o, d in zip(leaves, self.z_dtypes)])
+        return unflatten(spec, [o.to(d) for o, d in zip(leaves, self.z_dtypes, strict=True)])
 
     def leaves(self, detached: bool) -> tuple[list, list]:
         """Param and x leaves, detached (no graph: forward solves) or as given (gradient path)."""
@@ -89,13 +89,13 @@ class Problem:
 
             def relinearized(u: Any) -> Any:
                 p, x, zz = tree_map(torch.clone, (param_leaves, x_leaves, z))
-                _, pullback = torch.func.vjp(lambda v: self.call(p, v, x), zz)
+                pullback = torch.func.vjp(lambda v: self.call(p, v, x), zz)[1]
                 return pullback(u)[0]
 
             return relinearized
         f_of_z = lambda zz: self.call(param_leaves, zz, x_leaves)  # noqa: E731
         try:
-            _, pullback = torch.func.vjp(f_of_z, z)
+            pullback = torch.func.vjp(f_of_z, z)[1]
         except RuntimeError as err:
             if "saved tensor hooks" not in str(err):
                 raise
@@ -115,7 +115,7 @@ def _autograd_pullback(f_of_z: Callable[[Any], Any], z: Any) -> Callable[[Any], 
 
     def pullback(u: Any) -> Any:
         grads = torch.autograd.grad(out_leaves, z_leaves, flatten(u)[0], retain_graph=True, allow_unused=True)
-        return unflatten(spec, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, z_leaves)])
+        return unflatten(spec, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, z_leaves, strict=True)])
 
     return pullback
 
@@ -138,7 +138,7 @@ def check_output(out: Any, z: Any, z0_given: bool, x: Any) -> None:
             "fixed_point: f(params, z, x) must return the structure and shapes of z; "
             f"got {describe(out)} for z = {describe(z)}"
         )
-    for o, t in zip(flatten(out)[0], flatten(z)[0]):
+    for o, t in zip(flatten(out)[0], flatten(z)[0], strict=True):
         if o.dtype != t.dtype and o.dtype != _autocast_dtype(t.device.type):
             raise ValueError(
                 f"fixed_point: f(params, z, x) returned dtype {dtype_name(o.dtype)} where z has "

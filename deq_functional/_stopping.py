@@ -49,18 +49,18 @@ class Rule(NamedTuple):
         return res <= self.atol + self.tol * scale
 
     def _verdict(self, res, scale, res_min, eps: float):
-        """``(finite, diverged, converged)`` after an iteration; tensors, or Python floats for the
-        eager single-problem driver, which classifies on the host (same tests, one definition)."""
+        """``(finite, diverged)`` after an iteration; tensors, or Python floats for the eager
+        single-problem driver, which classifies on the host (same tests, one definition)."""
         finite = (res < math.inf) & (scale < math.inf)  # NaN compares False too
         diverged = (res > self.divergence_ratio * res_min) & (res > self.divergence_ratio * eps * scale)
-        return finite, diverged, self.stops_early and self.converged(res, scale)
+        return finite, diverged
 
     def update(self, status: torch.Tensor, res: torch.Tensor, scale: torch.Tensor, res_min: torch.Tensor) -> torch.Tensor:
         """New status codes after an iteration; only problems still RUNNING can change."""
-        finite, diverged, converged = self._verdict(res, scale, res_min, torch.finfo(res.dtype).eps)
+        finite, diverged = self._verdict(res, scale, res_min, torch.finfo(res.dtype).eps)
         code = torch.where(diverged, int(Status.DIVERGED), RUNNING)
         if self.stops_early:
-            code = torch.where(converged, int(Status.CONVERGED), code)
+            code = torch.where(self.converged(res, scale), int(Status.CONVERGED), code)
         code = torch.where(finite, code, int(Status.NONFINITE))
         return torch.where(status == RUNNING, code, status)
 
@@ -68,10 +68,10 @@ class Rule(NamedTuple):
         """`update` for one problem whose numbers were read on the host."""
         if status != RUNNING:
             return status
-        finite, diverged, converged = self._verdict(res, scale, res_min, eps)
+        finite, diverged = self._verdict(res, scale, res_min, eps)
         if not finite:
             return int(Status.NONFINITE)
-        if converged:
+        if self.stops_early and self.converged(res, scale):
             return int(Status.CONVERGED)
         return int(Status.DIVERGED) if diverged else RUNNING
 

@@ -67,7 +67,7 @@ def _build(spec: TreeSpec, it) -> Any:
         return None
     children = [_build(c, it) for c in spec.children]
     if spec.kind == "dict":
-        return dict(zip(spec.meta, children))
+        return dict(zip(spec.meta, children, strict=True))
     if spec.kind == "list":
         return children
     if spec.kind == "namedtuple":
@@ -79,7 +79,7 @@ def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
     """Apply ``fn`` leafwise to ``tree`` (and trees of the same structure in ``rest``)."""
     leaves, spec = flatten(tree)
     others = [flatten(r)[0] for r in rest]
-    return unflatten(spec, [fn(*args) for args in zip(leaves, *others)])
+    return unflatten(spec, [fn(*args) for args in zip(leaves, *others, strict=True)])
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -96,7 +96,7 @@ def describe(tree: Any) -> str:
     if isinstance(tree, dict):
         return "{" + ", ".join(f"{k!r}: {describe(tree[k])}" for k in _dict_keys(tree)) + "}"
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        inner = ", ".join(f"{n}={describe(c)}" for n, c in zip(tree._fields, tree))
+        inner = ", ".join(f"{n}={describe(c)}" for n, c in zip(tree._fields, tree, strict=True))
         return f"{type(tree).__name__}({inner})"
     if isinstance(tree, list):
         return "[" + ", ".join(describe(c) for c in tree) + "]"
@@ -110,7 +110,7 @@ def same_layout(out: Any, like: Any) -> bool:
     out_leaves, out_spec = flatten(out)
     like_leaves, like_spec = flatten(like)
     return out_spec == like_spec and all(
-        isinstance(o, torch.Tensor) and o.shape == t.shape for o, t in zip(out_leaves, like_leaves)
+        isinstance(o, torch.Tensor) and o.shape == t.shape for o, t in zip(out_leaves, like_leaves, strict=True)
     )
 
 

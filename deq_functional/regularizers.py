@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ._checks import check_choice, check_int
+from ._flat import common_batch
 from ._power import power_iteration
 from ._tree import describe, flatten, tree_map
 
@@ -30,19 +31,12 @@ def _leaves(tree: Any, what: str, fn: str) -> list[torch.Tensor]:
     return leaves
 
 
-def _batch_size(leaves: list[torch.Tensor], fn: str) -> int:
-    sizes = {t.shape[0] if t.dim() else None for t in leaves}
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(f"{fn}(per_sample=True): every leaf of z_star needs the same leading (batch) dim")
-    return sizes.pop()
-
-
 def _sq_norm(tree: Any, per_sample: bool) -> torch.Tensor:
     """Σ of squares over all leaves: a scalar, or ``(B,)`` over non-batch dims when ``per_sample``."""
     leaves = flatten(tree)[0]
     if per_sample:
-        return sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in leaves)
-    return sum(t.pow(2).sum() for t in leaves)
+        return torch.stack([t.reshape(t.shape[0], -1).pow(2).sum(1) for t in leaves]).sum(0)
+    return torch.stack([t.pow(2).sum() for t in leaves]).sum()
 
 
 def _scale(tree: Any, s: torch.Tensor, per_sample: bool) -> Any:
@@ -67,7 +61,7 @@ def _probe(like: torch.Tensor, kind: str, generator: torch.Generator | None) -> 
 
 def _pullback(f: Callable, params: Any, z_star: Any, x: Any) -> tuple[Any, Callable]:
     z = tree_map(torch.Tensor.detach, z_star)
-    out, pull = torch.func.vjp(lambda z: f(params, z, x), z)
+    out, pull = torch.func.vjp(lambda z: f(params, z, x), z)[:2]
     return out, lambda v: pull(v)[0]
 
 
@@ -141,15 +135,13 @@ def jacobian_frobenius(
     check_choice(fn, "probe", probe, _PROBES)
     z_leaves = _leaves(z_star, "z_star", fn)
     if per_sample:
-        batch = _batch_size(z_leaves, fn)
+        batch = common_batch(z_leaves, f"{fn}(per_sample=True)", "z_star")
         dim = sum(t.numel() for t in z_leaves) // batch
     else:
         dim = sum(t.numel() for t in z_leaves)
     out, pull = _pullback(f, params, z_star, x)
-    total = 0.0
-    for _ in range(n_samples):
-        eps = tree_map(lambda t: _probe(t, probe, generator), out)
-        total = total + _sq_norm(pull(eps), per_sample)
+    probes = (tree_map(lambda t: _probe(t, probe, generator), out) for _ in range(n_samples))
+    total = torch.stack([_sq_norm(pull(eps), per_sample) for eps in probes]).sum(0)
     return total / (n_samples * dim)
 
 
@@ -220,7 +212,7 @@ def spectral_radius(
     check_int(fn, "n_iter", n_iter, 1)
     z_leaves = _leaves(z_star, "z_star", fn)
     if per_sample:
-        _batch_size(z_leaves, fn)
+        common_batch(z_leaves, f"{fn}(per_sample=True)", "z_star")
     with torch.no_grad():
         params = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, params)
         x = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, x)

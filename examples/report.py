@@ -55,7 +55,7 @@ def checks(modes: dict, dataset: str = "mnist5k") -> dict:
         out["implicit_saved_bytes_deepest_over_shallowest"] = {"value": worst, "target": "== 1 (flat)", "ok": flat}
     if "unrolled" in depths:
         ordered = [depths["unrolled"][k] for k in sorted(depths["unrolled"], key=int)]
-        grows = all(a < b for a, b in zip(ordered, ordered[1:]))
+        grows = all(a < b for a, b in zip(ordered, ordered[1:], strict=False))
         out["unrolled_saved_bytes_deepest_over_shallowest"] = {"value": _depth_ratio(depths["unrolled"]),
                                                                "target": "> 1 (grows)", "ok": grows}
     return out
@@ -94,7 +94,8 @@ def plots(modes: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, r in modes.items():
         depths = sorted(r["saved_bytes_vs_depth"], key=int)
-        ax.plot([int(k) for k in depths], [r["saved_bytes_vs_depth"][k] / 2**20 for k in depths], "o-", color=COLORS[m], label=NAMES[m])
+        saved_mib = [r["saved_bytes_vs_depth"][k] / 2**20 for k in depths]
+        ax.plot([int(k) for k in depths], saved_mib, "o-", color=COLORS[m], label=NAMES[m])
     ax.set(xlabel="solver iterations (tol = 0)", ylabel="autograd saved tensors (MiB)", title="Training memory vs solver depth")
     ax.grid(alpha=0.3), ax.legend()
     fig.tight_layout(), fig.savefig(out / PLOTS[3], dpi=120), plt.close(fig)
@@ -109,7 +110,8 @@ def table(modes: dict) -> str:
             "|---|---:|---:|---:|---:|---:|"]
     for m, r in modes.items():
         rows.append(f"| {NAMES[m]} | {100 * r['test_accuracy']:.2f}% | {r['seconds_per_epoch']:.2f} | "
-                    f"{r['mean_seconds_per_epoch']:.2f} | {r['mean_forward_iterations']:.1f} | {_fmt_bytes(r['peak_saved_bytes'])} |")
+                    f"{r['mean_seconds_per_epoch']:.2f} | {r['mean_forward_iterations']:.1f} | "
+                    f"{_fmt_bytes(r['peak_saved_bytes'])} |")
     return "\n".join(rows)
 
 

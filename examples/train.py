@@ -129,7 +129,9 @@ def build_model(config: Config, data: datasets.Data, device: torch.device):
     model = MODELS[config.model]
     if config.model == "conv":
         model = SimpleNamespace(embed=model.embed, readout=model.readout, apply=partial(model.apply, gamma=config.gamma))
-        params = MODELS["conv"].init(g, data.in_shape, channels=config.width, latent_blocks=config.blocks, num_classes=data.num_classes)
+        params = MODELS["conv"].init(
+            g, data.in_shape, channels=config.width, latent_blocks=config.blocks, num_classes=data.num_classes
+        )
     elif config.model == "mlp":
         params = model.init(g, math.prod(data.in_shape), config.width, data.num_classes, contraction=config.lipschitz or None)
     else:
@@ -260,7 +262,11 @@ class Trainer:
             sums += torch.stack([F.cross_entropy(logits, y, reduction="sum"), (logits.argmax(1) == y).sum(),
                                  torch.tensor(y.shape[0], device=y.device), info.nstep.sum()]).double().cpu()
         n = sums[2].item()
-        return {"test_loss": sums[0].item() / n, "test_accuracy": sums[1].item() / n, "test_forward_iterations": sums[3].item() / n}
+        return {
+            "test_loss": sums[0].item() / n,
+            "test_accuracy": sums[1].item() / n,
+            "test_forward_iterations": sums[3].item() / n,
+        }
 
     def save(self, out: Path) -> None:
         params = tree_map(lambda t: t.detach().cpu().clone(), self.params)

@@ -8,10 +8,10 @@ most (Anderson with IFT and JFB) plus one whole train step.
 
 import pytest
 import torch
+from helpers import SOLVER_CLASSES
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import deq_functional as dq
-from helpers import SOLVER_CLASSES
 
 pytestmark = pytest.mark.compile
 
@@ -64,7 +64,7 @@ def _check_compiled_matches_eager(solver, mode, backend):
     (lc, gc, ic), (le, ge, ie) = _run(compiled, W, x, y), _run(loss_fn, W, x, y)
     torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
-    for c, e in zip(ic, ie):  # per problem: the same iterations, the same verdict
+    for c, e in zip(ic, ie, strict=True):  # per problem: the same iterations, the same verdict
         assert torch.equal(c.nstep, e.nstep) and torch.equal(c.status, e.status)
         assert torch.equal(c.converged, e.converged) and bool(e.converged.all())
         assert int(e.nstep.max()) < solver.max_iter  # it exited early, in both

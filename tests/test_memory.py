@@ -2,16 +2,17 @@
 
 import pytest
 import torch
+from helpers import tanh_f, tanh_params
 
 import deq_functional as dq
-from helpers import tanh_f, tanh_params
 
 
 def _saved_bytes(mode, depth, exclude_params=True):
     p = {k: v.float().requires_grad_() for k, v in tanh_params(64, 32).items()}
     x = torch.randn(16, 32)
     with dq.SavedTensorBytes(exclude=p if exclude_params else None) as saved:
-        z, info = dq.fixed_point(tanh_f, p, x, z0=torch.zeros(16, 64), solver=dq.Anderson(max_iter=depth, tol=0.0), grad_mode=mode)
+        solver = dq.Anderson(max_iter=depth, tol=0.0)
+        z, info = dq.fixed_point(tanh_f, p, x, z0=torch.zeros(16, 64), solver=solver, grad_mode=mode)
         loss = z.square().sum()
     assert int(info.nstep) == depth
     loss.backward()  # the graph is usable

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import loss_weights, tanh_f, tanh_params
 from torch import nn
 
 import deq_functional as dq
-from helpers import loss_weights, tanh_f, tanh_params
 
 F64 = torch.float64
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
@@ -192,7 +192,7 @@ def test_train_mode_batch_norm_updates_running_stats_once_at_z_star(mode):
     assert cell.bn.running_mean.abs().max() > 1e-3  # moved from its initial zeros
     before = [b.clone() for b in cell.buffers()]
     (z * loss_weights(z.shape)).sum().backward()  # backward works and writes no buffer
-    assert all(torch.equal(a, b) for a, b in zip(before, cell.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(before, cell.buffers(), strict=True))
     assert cell.conv.weight.grad.abs().max() > 0
 
 
@@ -207,7 +207,7 @@ def test_eval_mode_batch_norm_uses_the_running_stats_and_leaves_them():
     running = (cell.bn.running_mean, cell.bn.running_var)
     z_ref, _ = dq.fixed_point(lambda p, zz, xx: bn_f(p, zz, xx, running), _leaf_params(cell), x, _solver())
     torch.testing.assert_close(z, z_ref, **TIGHT)
-    assert all(torch.equal(a, b) for a, b in zip(before, cell.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(before, cell.buffers(), strict=True))
     z_train, _ = deq.train()(x)
     assert (z_train - z).abs().max() > 1e-2  # eval really used the running statistics
 
@@ -230,13 +230,13 @@ def test_batch_norm_ift_gradient_matches_finite_differences(train):
         with torch.no_grad():
             values = []
             for sign in (1, -1):
-                for t, d in zip(tensors, dirs):
+                for t, d in zip(tensors, dirs, strict=True):
                     t.add_(sign * h * d)
                 values.append(float((deq(x)[0] * c).sum()))
-                for t, d in zip(tensors, dirs):
+                for t, d in zip(tensors, dirs, strict=True):
                     t.sub_(sign * h * d)
         fd = (values[0] - values[1]) / (2 * h)
-        analytic = sum(float((gr * d).sum()) for gr, d in zip(grads, dirs))
+        analytic = sum(float((gr * d).sum()) for gr, d in zip(grads, dirs, strict=True))
         assert abs(fd - analytic) <= 1e-7 * max(1.0, abs(fd)), (fd, analytic)
 
 
@@ -257,7 +257,7 @@ def test_batch_norm_gradients_equal_the_hand_written_functional_version(mode):
     if mode == "jfb":  # and the closed form of JFB: one vjp of f at z*.detach()
         q = _leaf_params(cell)
         closed = torch.autograd.grad((bn_f(q, z.detach(), x) * c).sum(), list(q.values()))
-        for (name, param), ref in zip(cell.named_parameters(), closed):
+        for (name, param), ref in zip(cell.named_parameters(), closed, strict=True):
             torch.testing.assert_close(param.grad, ref, **TIGHT, msg=name)
 
 
@@ -272,7 +272,7 @@ def test_from_module_with_train_mode_batch_norm_backprops_and_never_writes_buffe
     z, info = dq.fixed_point(f, params, x, dq.Anderson(max_iter=30), mode)
     (z * loss_weights(z.shape)).sum().backward()
     assert int(info.nstep) > 1
-    assert all(torch.equal(a, b) for a, b in zip(before, cell.buffers()))
+    assert all(torch.equal(a, b) for a, b in zip(before, cell.buffers(), strict=True))
     p = _leaf_params(cell)
     z_ref, _ = dq.fixed_point(bn_f, p, x, dq.Anderson(max_iter=30), mode)
     (z_ref * loss_weights(z.shape)).sum().backward()

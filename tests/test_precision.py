@@ -4,9 +4,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import SOLVER_CLASSES, tanh_f, tanh_params
 
 import deq_functional as dq
-from helpers import SOLVER_CLASSES, tanh_f, tanh_params
 
 HALF = [torch.float16, torch.bfloat16]
 
@@ -48,7 +48,8 @@ def test_half_precision_gradients_follow_the_float64_ones(dtype, mode):
     for dt in (torch.float64, dtype):
         p, x = _problem(dt)
         W = p["W"].clone().requires_grad_()
-        z, _ = solve({**p, "W": W}, x, solver=dq.Anderson(max_iter=100, tol=2e-2 if dt != torch.float64 else 1e-12), grad_mode=mode)
+        tol = 2e-2 if dt != torch.float64 else 1e-12
+        z, _ = solve({**p, "W": W}, x, solver=dq.Anderson(max_iter=100, tol=tol), grad_mode=mode)
         z.float().square().sum().backward()
         grads[dt] = W.grad.double()
     ref = grads[torch.float64]

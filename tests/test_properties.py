@@ -9,11 +9,11 @@ contractive one is CONVERGED or MAX_ITER, never DIVERGED or NONFINITE.
 """
 
 import torch
+from helpers import SOLVER_CLASSES, contractive_matrix
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deq_functional as dq
-from helpers import SOLVER_CLASSES, contractive_matrix
 
 S = dq.Status
 KINDS = ("tensor", "tuple", "dict")

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import SOLVER_CLASSES, contractive_matrix, hard_sample_f, linear_f, linear_solution, tuple_f, tuple_params
 
 import deq_functional as dq
-from helpers import SOLVER_CLASSES, contractive_matrix, hard_sample_f, linear_f, linear_solution, tuple_f, tuple_params
 
 
 @pytest.mark.parametrize("name", SOLVER_CLASSES)
@@ -125,7 +125,7 @@ def test_tuple_state_of_different_shapes():
         z, info = dq.fixed_point(tuple_f, p, x, z0=z0, solver=dq.Anderson(tol=1e-12, max_iter=200), per_sample=per_sample)
         assert [t.shape for t in z] == [(3, 8), (3, 4)]
         assert bool(info.converged.all())
-        for a, b in zip(z, tuple_f(p, z, x)):
+        for a, b in zip(z, tuple_f(p, z, x), strict=True):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 

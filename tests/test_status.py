@@ -5,9 +5,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import SOLVER_CLASSES, contractive_matrix, linear_f, linear_solution
 
 import deq_functional as dq
-from helpers import SOLVER_CLASSES, contractive_matrix, linear_f, linear_solution
 
 S = dq.Status
 
@@ -103,7 +103,9 @@ def test_divergence_ratio_inf_turns_the_rule_off():
     assert int(info.status) == S.MAX_ITER and int(info.nstep) == 30
 
 
-@pytest.mark.parametrize("field,value", [("atol", -1.0), ("atol", math.nan), ("divergence_ratio", 1.0), ("divergence_ratio", "x")])
+@pytest.mark.parametrize(
+    "field,value", [("atol", -1.0), ("atol", math.nan), ("divergence_ratio", 1.0), ("divergence_ratio", "x")]
+)
 def test_stopping_options_are_validated(field, value):
     with pytest.raises(ValueError, match=rf"Picard: {field} must be"):
         dq.Picard(**{field: value})
@@ -147,7 +149,9 @@ def test_empty_per_sample_batch_gives_an_empty_result():
         x = torch.zeros(0, 3)
         for mode in ("ift", "jfb", "unrolled"):
             W = torch.eye(3).mul(0.5).requires_grad_()
-            z, info = dq.fixed_point(lambda p, z, x: torch.tanh(z @ p["W"] + x), {"W": W}, x, solver=cls(), grad_mode=mode, per_sample=True)
+            z, info = dq.fixed_point(
+                lambda p, z, x: torch.tanh(z @ p["W"] + x), {"W": W}, x, solver=cls(), grad_mode=mode, per_sample=True
+            )
             assert z.shape == (0, 3), name
             assert all(t.shape == (0,) for t in info)
             z.sum().backward()
@@ -186,7 +190,7 @@ def test_vmap_with_an_unbatched_z0(name):
 
     grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(A, x)  # per-sample gradients
     for i in range(3):
-        _, pullback = torch.func.vjp(lambda A: linear_solution(A, x[i : i + 1]), A)
+        _, pullback = torch.func.vjp(lambda A, i=i: linear_solution(A, x[i : i + 1]), A)
         torch.testing.assert_close(grads[i], pullback(torch.ones(1, 4, dtype=torch.float64))[0], atol=1e-9, rtol=1e-9)
     Ag = A.clone().requires_grad_()
     torch.func.vmap(lambda xi: dq.fixed_point(f, {"A": Ag}, xi, z0=z0, solver=solver)[0])(x).sum().backward()

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.func as tf
+from helpers import contractive_matrix, linear_f, linear_solution, loss_weights, tanh_f, tanh_params, tuple_f, tuple_params
 
 import deq_functional as dq
-from helpers import contractive_matrix, linear_f, linear_solution, loss_weights, tanh_f, tanh_params, tuple_f, tuple_params
 
 SOLVER = dq.Anderson(max_iter=200, tol=1e-12)
 MODES = ["ift", "jfb", "neumann", "unrolled", dq.Phantom(3, 0.7)]
@@ -78,7 +78,7 @@ def test_tuple_state_trains():
     losses = []
     for _ in range(30):
         z, _ = dq.fixed_point(tuple_f, p, x, z0=z0, solver=dq.Anderson(max_iter=40, tol=1e-7))
-        loss = sum(((a - b) ** 2).mean() for a, b in zip(z, target))
+        loss = sum(((a - b) ** 2).mean() for a, b in zip(z, target, strict=True))
         opt.zero_grad()
         loss.backward()
         opt.step()

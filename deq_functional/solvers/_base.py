@@ -100,5 +100,7 @@ class Solver:
     def init(self, z: torch.Tensor, gz: torch.Tensor) -> tuple:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def step(self, state: tuple, z: torch.Tensor, gz: torch.Tensor, r: torch.Tensor, k: Any, opts: StepOptions) -> tuple:  # pragma: no cover
+    def step(  # pragma: no cover
+        self, state: tuple, z: torch.Tensor, gz: torch.Tensor, r: torch.Tensor, k: Any, opts: StepOptions
+    ) -> tuple:
         raise NotImplementedError
