@@ -9,12 +9,12 @@ library never changes global flags). Here the flag is switched off for the
 
 from __future__ import annotations
 
+import measure
 import pytest
 import torch
+import workloads as wl
 
 import deq_functional as dq
-import measure
-import workloads as wl
 
 MAX_ITER, TOL, M = 30, 1e-6, 6
 

@@ -13,16 +13,23 @@ the estimate least sensitive to a busy machine (noise only ever adds time).
 Compiled: ``torch.compile(solve, fullgraph=True)`` of the whole no-grad
 ``fixed_point`` call (one compile per K), compared against a compiled bare f
 (same ``fullgraph=True``) and, for reference, the eager bare f.
+
+Clock (``deq_functional.benchmarking.DeviceTimer``): on CPU ``time.thread_time``, the
+CPU time of the calling thread. With ``torch.set_num_threads(1)`` (bench/conftest.py)
+every kernel runs in that thread, so it counts the same work as wall time but not the
+time the thread waits for a core while other processes run: on the shared 2-core
+machine these ratios of sub-millisecond timings were dominated by that noise under
+``perf_counter``. On CUDA: CUDA events (wall time of the device work).
 """
 
 from __future__ import annotations
 
+import measure
 import pytest
 import torch
+import workloads as wl
 
 import deq_functional as dq
-import measure
-import workloads as wl
 
 SOLVERS = {
     "picard": lambda k: dq.Picard(max_iter=k, tol=0.0),
@@ -49,7 +56,9 @@ CASES += [pytest.param("mlp", s, "compiled", marks=pytest.mark.compile) for s in
 
 
 @pytest.mark.parametrize("workload,solver,mode", CASES)
-def bench_solver_overhead(benchmark, make_workload, timer, workload, solver, mode):
+def bench_solver_overhead(deq_benchmark, make_workload, device, workload, solver, mode):
+    timer = deq_benchmark.make_timer(clock="thread" if device.type == "cpu" else "wall")
+    wall = deq_benchmark.make_timer()  # compile times: wall clock (inductor compiles in worker processes)
     w = make_workload(workload)
     params, z, x = w.f_bare_args()
     k1, k2 = K_EAGER if mode == "eager" else K_COMPILED
@@ -66,8 +75,8 @@ def bench_solver_overhead(benchmark, make_workload, timer, workload, solver, mod
         bare = torch.compile(bare, fullgraph=True)
         for k in (k1, k2):
             solves[k] = torch.compile(solves[k], fullgraph=True)
-            compile_s[f"K={k}"] = timer(lambda: solves[k](params, x))
-        compile_s["bare_f"] = timer(bare)
+            compile_s[f"K={k}"] = wall(solves[k], params, x)
+        compile_s["bare_f"] = wall(bare)
 
     # warm-up (compiled: already compiled above; this also runs each once more)
     for _ in range(2):
@@ -87,16 +96,18 @@ def bench_solver_overhead(benchmark, make_workload, timer, workload, solver, mod
         rows.append((tf, tfe, t1, t2))
 
     load_before = measure.load_average()
-    benchmark.group = "solver_overhead"
-    benchmark.pedantic(one_round, rounds=ROUNDS[workload], iterations=1, warmup_rounds=0)
+    deq_benchmark.group = "solver_overhead"
+    # warm-up done above (compiled: compile included); the fixture's own clock is the same
+    deq_benchmark.pedantic(one_round, rounds=ROUNDS[workload], warmup=0, clock=timer.clock)
 
     z_star, info = solves[k2](params, x)
     marginal = [(t2 - t1) / (k2 - k1) / tf for tf, _, t1, t2 in rows]
-    mins = [min(col) for col in zip(*rows)]  # noise only adds time: minima are the robust estimate
+    mins = [min(col) for col in zip(*rows, strict=True)]  # noise only adds time: minima are the robust estimate
     whole = [t2 / (k2 * tf) for tf, _, t1, t2 in rows]
-    benchmark.extra_info.update({
+    deq_benchmark.extra_info.update({
         "kind": "solver_overhead", "workload": workload, "workload_source": w.source,
         "solver": solver, "mode": mode, "solver_repr": repr(SOLVERS[solver](k2)), "K": [k1, k2],
+        "clock": timer.description,
         "ratio_per_iter": measure.stats(marginal),
         "ratio_per_iter_of_minima": (mins[3] - mins[2]) / (k2 - k1) / mins[0],
         "ratio_per_iter_of_minima_vs_eager_f": (mins[3] - mins[2]) / (k2 - k1) / mins[1],

@@ -10,12 +10,12 @@ are asserted to agree, so the ratio compares libraries, not problems.
 
 from __future__ import annotations
 
+import measure
 import pytest
 import torch
+import workloads as wl
 
 import deq_functional as dq
-import measure
-import workloads as wl
 
 MAX_ITER, TOL, M = 30, 1e-6, 6
 # "same-tol": the configuration, each library stops on its own test.

@@ -4,6 +4,11 @@ Global flags are set here, by the benchmark, never by the library:
 ``torch.set_num_threads(--threads, default 1)`` and ``torch.set_flush_denormal(True)``
 (float32 denormals make DEQ iterations on CPU several times slower).
 ``--device cuda`` runs the same suite on a GPU with CUDA-event timings.
+
+Timing goes through the library's ``deq_functional.benchmarking`` (what users get):
+``deq_benchmark`` is its ``DeqBenchmark`` on the session device (device-synchronized
+timer, untimed warm-up calls, the solver's ``Info`` recorded in ``extra_info``), and
+``timer`` its ``DeviceTimer`` for the A/B rounds the benchmarks drive themselves.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import tempfile
 # from an earlier run (must be set before inductor is first used).
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="deq_bench_inductor_")
 
+import measure
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-import measure
 import workloads
+
+from deq_functional.benchmarking import DeqBenchmark
 
 
 def pytest_addoption(parser):
@@ -124,6 +130,12 @@ def device(request):
 @pytest.fixture(scope="session")
 def timer(device):
     return measure.Timer(device)
+
+
+@pytest.fixture
+def deq_benchmark(benchmark, device):
+    """``deq_functional.benchmarking.DeqBenchmark`` around pytest-benchmark's ``benchmark``, on --device."""
+    return DeqBenchmark(benchmark, device=device)
 
 
 @pytest.fixture(scope="session")

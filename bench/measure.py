@@ -3,8 +3,10 @@
 Everything here is deliberately small and explicit so that RESULTS.md can say
 exactly what each number means:
 
-- ``Timer``: wall time of one call. CPU: ``time.perf_counter``. CUDA: a pair of
-  CUDA events around the call, then ``torch.cuda.synchronize()``.
+- ``Timer``: the library's ``deq_functional.benchmarking.DeviceTimer``: seconds of one
+  call. CPU: ``time.perf_counter`` (or, with ``clock="thread"``, ``time.thread_time``,
+  the CPU time of the calling thread). CUDA: synchronize, a pair of CUDA events around
+  the call, synchronize. ``stats`` is its ``summarize`` (min / median / mean / max / n).
 - ``saved_bytes``: bytes that autograd saves for backward while ``fn`` runs,
   counted by the library's ``deq_functional.SavedTensorBytes``
   (``torch.autograd.graph.saved_tensors_hooks``); a storage saved several times
@@ -19,41 +21,15 @@ exactly what each number means:
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from typing import Callable
 
 import torch
 
 import deq_functional as dq
+from deq_functional.benchmarking import DeviceTimer as Timer
+from deq_functional.benchmarking import summarize as stats
 
-
-class Timer:
-    """Times one call of a function on ``device`` and returns seconds."""
-
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(self.device)
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-
-def stats(samples: list[float]) -> dict:
-    """min / median / max / n of a list of samples (seconds or ratios)."""
-    s = sorted(samples)
-    return {"min": s[0], "median": statistics.median(s), "max": s[-1], "n": len(s)}
+__all__ = ["Timer", "stats", "saved_bytes", "PeakMemory", "load_average", "Alternating", "Rotating"]
 
 
 def saved_bytes(fn: Callable[[], object], exclude=()):
@@ -152,13 +128,13 @@ class Alternating:
         self.n += 1
 
     def summary(self, a_name: str, b_name: str) -> dict:
-        ratios = [x / y for x, y in zip(self.ta, self.tb)]
+        ratios = [x / y for x, y in zip(self.ta, self.tb, strict=True)]
         return {
             f"{a_name}_s": stats(self.ta),
             f"{b_name}_s": stats(self.tb),
             f"ratio_{a_name}_over_{b_name}": stats(ratios),
             # ratio of the two minima: the least noise-sensitive estimate
-            f"ratio_of_min": min(self.ta) / min(self.tb),
+            "ratio_of_min": min(self.ta) / min(self.tb),
         }
 
 
@@ -179,4 +155,4 @@ class Rotating:
         self.n += 1
 
     def ratio(self, a: str, b: str) -> dict:
-        return stats([x / y for x, y in zip(self.samples[a], self.samples[b])])
+        return stats([x / y for x, y in zip(self.samples[a], self.samples[b], strict=True)])

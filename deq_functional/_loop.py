@@ -129,7 +129,7 @@ class Loop:
         squeeze = (lambda t: t.detach()) if per_sample else (lambda t: t.detach().squeeze(-1))
         info = make_info(
             squeeze(s.nstep), squeeze(res), squeeze(rel), squeeze(status),
-            **{name: squeeze(t) for name, t in sorted(extra.items())},
+            **{name: squeeze(extra[name]) for name in sorted(extra)},
         )
         return z, gz, info
 

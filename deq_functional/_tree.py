@@ -96,7 +96,7 @@ def describe(tree: Any) -> str:
     if isinstance(tree, dict):
         return "{" + ", ".join(f"{k!r}: {describe(tree[k])}" for k in _dict_keys(tree)) + "}"
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        inner = ", ".join(f"{n}={describe(c)}" for n, c in zip(tree._fields, tree, strict=True))
+        inner = ", ".join(f"{n}={describe(c)}" for n, c in zip(getattr(tree, "_fields", ()), tree, strict=True))
         return f"{type(tree).__name__}({inner})"
     if isinstance(tree, list):
         return "[" + ", ".join(describe(c) for c in tree) + "]"

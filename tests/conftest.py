@@ -7,8 +7,19 @@ ten-fold. Process-level parallel tests (DDP) start their own processes.
 
 import pytest
 import torch
+from helpers import examples_extra_missing
 
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``examples`` need the examples extra; without it they are skipped, saying why."""
+    missing = examples_extra_missing()
+    if missing:
+        skip = pytest.mark.skip(reason=f"needs the examples extra ({', '.join(missing)} missing)")
+        for item in items:
+            if "examples" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

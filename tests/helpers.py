@@ -75,3 +75,23 @@ def hard_sample_f(p, z, x):
 def loss_weights(shape, *, dtype=torch.float64, seed: int = 1) -> torch.Tensor:
     """A fixed random cotangent so losses ``(z * c).sum()`` probe every output."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+EXAMPLES_EXTRA = ("torchvision", "matplotlib", "tqdm", "sklearn", "mlxtend")
+
+
+def examples_extra_missing() -> list[str]:
+    """The modules of the ``examples`` extra that are not installed."""
+    import importlib.util
+
+    return [m for m in EXAMPLES_EXTRA if importlib.util.find_spec(m) is None]
+
+
+def require_examples_extra() -> None:
+    """Skip the calling test module (at collection) unless the ``examples`` extra is installed."""
+    import pytest
+
+    missing = examples_extra_missing()
+    if missing:
+        reason = f"needs the examples extra ({', '.join(missing)} missing): pip install -e '.[examples]'"
+        pytest.skip(reason, allow_module_level=True)

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import require_examples_extra
+
+require_examples_extra()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import compare  # noqa: E402

@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import require_examples_extra
 from torch.utils.data import DataLoader
+
+require_examples_extra()
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import data  # noqa: E402

@@ -10,7 +10,7 @@ contractive one is CONVERGED or MAX_ITER, never DIVERGED or NONFINITE.
 
 import torch
 from helpers import SOLVER_CLASSES, contractive_matrix
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import deq_functional as dq
@@ -68,6 +68,7 @@ def test_affine_maps_are_labelled_truthfully(solver, kind, sizes, batch, rho, dt
     sizes = sizes[:1] if kind == "tensor" else sizes
     n = sum(sizes)
     A64 = contractive_matrix(n, rho, seed=seed)  # spectral norm rho (> 1: expansive)
+    assume(float(torch.linalg.cond(torch.eye(n, dtype=torch.float64) - A64)) < 1e8)  # a unique fixed point
     inv = torch.linalg.inv(torch.eye(n, dtype=torch.float64) - A64)
     bound = float(torch.linalg.matrix_norm(A64, ord=2) * torch.linalg.matrix_norm(inv, ord=2))
     b64 = torch.randn(batch, n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)

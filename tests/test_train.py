@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import require_examples_extra
 
 from deq_functional._tree import named_leaves
 from deq_functional.gradients import GRAD_MODES
 
+require_examples_extra()
+pytestmark = pytest.mark.examples
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import train  # noqa: E402
 
