@@ -71,7 +71,8 @@ class FlatView:
         leaves, self.spec = flatten(z)
         if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
             raise ValueError(f"{owner}: the state must be a pytree of tensors, got {describe(z)}")
-        self.shapes = [tuple(t.shape) for t in leaves]  # tuples: a torch.Size of SymInts cannot be lifted into while_loop
+        self.shapes = [tuple(t.shape) for t in leaves]
+        self.single = self.spec.kind == "leaf"  # one tensor: to_flat/from_flat are reshapes  # tuples: a torch.Size of SymInts cannot be lifted into while_loop
         self.dtypes = [t.dtype for t in leaves]
         self.dtype = leaves[0].dtype
         for t in leaves[1:]:
@@ -87,12 +88,16 @@ class FlatView:
 
     def to_flat(self, tree: Any) -> torch.Tensor:
         """Pytree shaped like ``z`` -> ``(B, D)`` tensor in the common dtype."""
+        if self.single and isinstance(tree, torch.Tensor) and tree.dtype == self.dtype:  # a free reshape
+            return tree.reshape(self.batch, self.sizes[0])
         leaves = flatten(tree)[0]
         parts = [t.reshape(self.batch, n).to(self.dtype) for t, n in zip(leaves, self.sizes, strict=True)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def from_flat(self, flat: torch.Tensor) -> Any:
         """``(B, D)`` tensor -> pytree shaped like ``z`` (each leaf back in its own dtype)."""
+        if self.single and flat.dtype == self.dtypes[0]:  # a free reshape
+            return flat.reshape(self.shapes[0])
         parts = (flat,) if len(self.sizes) == 1 else torch.split(flat, self.sizes, dim=1)
         leaves = [p.reshape(s).to(d) for p, s, d in zip(parts, self.shapes, self.dtypes, strict=True)]
         return unflatten(self.spec, leaves)

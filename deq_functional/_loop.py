@@ -67,6 +67,7 @@ class Loop:
         self.solver, self.g, self.freeze, self.opts, self.trace = solver, g, freeze, opts, trace
         self.host_status = host_status
         self.rule = solver.rule
+        self.autocast = False  # set by init: whether the user's autocast is on for z's device
 
     def init(self, z: torch.Tensor, gz: torch.Tensor) -> LoopState:
         r = gz - z
@@ -78,13 +79,18 @@ class Loop:
         if self.trace:
             rows = torch.full((self.solver.max_iter + 1, *res.shape), torch.nan, dtype=res.dtype, device=res.device)
             trace = (write_slot(rows, 0, 0, res, self.opts.inplace),)
-        with _no_autocast(z):
+        self.autocast = torch.is_autocast_enabled(z.device.type)
+        with self._no_autocast(z):
             solver_state = self.solver.init(z, gz)
         return LoopState(z, gz, r, res, scale, res, status, nstep, best, trace, solver_state)
 
+    def _no_autocast(self, z: torch.Tensor):
+        """Solver maths runs in the state's own dtype even inside the user's autocast."""
+        return torch.autocast(z.device.type, enabled=False) if self.autocast else contextlib.nullcontext()
+
     def body(self, k: Any, s: LoopState) -> LoopState:
         """Iteration ``k`` (int, or 0-dim int64 tensor inside ``torch.while_loop``): ``z_k -> z_{k+1}``."""
-        with _no_autocast(s.z):
+        with self._no_autocast(s.z):
             z, solver_state = self.solver.step(s.solver, s.z, s.gz, s.r, k, self.opts)
         if self.host_status:  # runs only while the one problem is running
             running = None
@@ -134,9 +140,4 @@ class Loop:
         return z, gz, info
 
 
-def _no_autocast(z: torch.Tensor):
-    """Solver maths and norms run in the state's own dtype even inside the user's autocast."""
-    device_type = z.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+

@@ -66,9 +66,11 @@ class Problem:
         return [_detach(t) for t in self.param_leaves], [_detach(t) for t in self.x_leaves]
 
     def map(self, detached: bool) -> Callable[[Any], Any]:
-        """``z ↦ f(params, z, x)`` (``detached``: params and x detached, see `leaves`)."""
+        """``z ↦ f(params, z, x)`` (``detached``: params and x detached, see `leaves`); the params
+        and x pytrees are built once here, not at every iteration."""
         p, x = self.leaves(detached)
-        return lambda z: self.call(p, z, x)
+        params, inputs = unflatten(self.param_spec, p), unflatten(self.x_spec, x)
+        return lambda z: self._cast(self.f(params, z, inputs))
 
     def transposed_jacobian(self, z: Any, param_leaves: list, x_leaves: list, *, relinearize: bool) -> Callable[[Any], Any]:
         """``u ↦ J(z)ᵀ u`` for ``J = ∂f/∂z`` at ``(params, z, x)``; no Jacobian is formed.
