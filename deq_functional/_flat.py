@@ -71,8 +71,8 @@ class FlatView:
         leaves, self.spec = flatten(z)
         if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
             raise ValueError(f"{owner}: the state must be a pytree of tensors, got {describe(z)}")
-        self.shapes = [tuple(t.shape) for t in leaves]
-        self.single = self.spec.kind == "leaf"  # one tensor: to_flat/from_flat are reshapes  # tuples: a torch.Size of SymInts cannot be lifted into while_loop
+        self.shapes = [tuple(t.shape) for t in leaves]  # tuples: a torch.Size of SymInts cannot be lifted into while_loop
+        self.single = self.spec.kind == "leaf"  # one tensor: to_flat/from_flat are reshapes
         self.dtypes = [t.dtype for t in leaves]
         self.dtype = leaves[0].dtype
         for t in leaves[1:]:
