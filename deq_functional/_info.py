@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import functools
 from collections import namedtuple
 from typing import Any, NamedTuple
 
@@ -85,11 +84,16 @@ class Info(NamedTuple):
     status: torch.Tensor
 
 
-@functools.lru_cache(maxsize=None)
+_INFO_TYPES: dict[tuple[str, ...], type] = {}
+
+
 def _info_type(extra: tuple[str, ...]) -> type:
-    """A subclass of ``Info`` with ``extra`` fields appended (one class per set of extras)."""
-    fields = namedtuple("Info", Info._fields + extra)
-    return type("Info", (fields, Info), {"__slots__": (), "__doc__": Info.__doc__})
+    """A subclass of ``Info`` with ``extra`` fields appended (one class per set of extras; a plain
+    dict cache, which Dynamo traces, where it would warn about ``functools.lru_cache``)."""
+    if extra not in _INFO_TYPES:
+        fields = namedtuple("Info", Info._fields + extra)
+        _INFO_TYPES[extra] = type("Info", (fields, Info), {"__slots__": (), "__doc__": Info.__doc__})
+    return _INFO_TYPES[extra]
 
 
 def make_info(nstep, residual, rel_residual, status, **extra: Any) -> Info:

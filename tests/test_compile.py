@@ -131,8 +131,9 @@ def test_a_huge_budget_still_exits_early():
     torch.testing.assert_close(z, z_eager)
 
 
-def test_whole_train_step_with_autograd_grad_inside(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "trace_autograd_ops", True)
+def test_whole_train_step_with_autograd_grad_inside():
+    # config.patch, not monkeypatch.setattr: restoring a Dynamo config value by setattr/delattr
+    # broke later config.patch calls on the same option ("does not exist")
     torch._dynamo.reset()
     W, x, y = _data()
     loss_fn = _loss_fn(dq.Anderson(max_iter=30, tol=1e-4), "ift")
@@ -146,11 +147,12 @@ def test_whole_train_step_with_autograd_grad_inside(monkeypatch):
     compiled = torch.compile(train_step, fullgraph=True)
     Wc, Wc_loss = W, []
     We, We_loss = W, []
-    for _ in range(2):
-        Wc, lc = compiled(Wc, x, y)
-        We, le = train_step(We, x, y)
-        Wc_loss.append(lc)
-        We_loss.append(le)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for _ in range(2):
+            Wc, lc = compiled(Wc, x, y)
+            We, le = train_step(We, x, y)
+            Wc_loss.append(lc)
+            We_loss.append(le)
     torch.testing.assert_close(Wc, We, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.stack(Wc_loss), torch.stack(We_loss), rtol=1e-5, atol=1e-6)
     assert We_loss[1] < We_loss[0]
