@@ -134,8 +134,13 @@ def _ddp_worker(out: Path) -> None:
     try:
         model, d, y = _deq_setup()
         shard = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-        grads = _deq_step(DistributedDataParallel(model), d[shard], y[shard])
+        ddp = DistributedDataParallel(model)
+        grads = _deq_step(ddp, d[shard], y[shard])
         torch.save({"grads": grads, "params": model.state_dict()}, out / f"deq.rank{rank}.pt")
+        # Let both ranks finish, and DDP's reducer go, before the group does: tearing gloo down
+        # under a live reducer aborted a rank now and then ("terminate called without an active exception").
+        del ddp
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
