@@ -3,13 +3,13 @@
 Two mistakes make DEQ timings wrong:
 
 * **Asynchronous devices.** A CUDA call returns as soon as its kernels are queued, so
-  ``perf_counter`` around it times the launch, not the work. :class:`DeviceTimer`
+  ``perf_counter`` around it times the launch, not the work. `DeviceTimer`
   synchronizes before the call (earlier queued work is not charged to it), records a
   pair of CUDA events around it and synchronizes again, so the time includes all the
   device work the call queued.
 * **Compilation inside the timing.** The first call of a ``torch.compile``-d function
   compiles (tens of seconds), and the second can still recompile. The fixture makes
-  ``warmup`` untimed calls first (default 2, see :data:`DEFAULT_WARMUP`) and counts
+  ``warmup`` untimed calls first (default 2, see `DEFAULT_WARMUP`) and counts
   Dynamo compilations during the timed rounds (``extra_info["dynamo_compiles_during_timing"]``;
   a warning when it is not 0).
 
@@ -20,11 +20,11 @@ shows it.
 
 Usage, with `pytest-benchmark <https://pypi.org/project/pytest-benchmark/>`_
 installed (``pip install pytest-benchmark``; an optional dependency: this module
-imports without it, and only using the fixture needs it). In your ``conftest.py``::
+imports without it, and only using the fixture needs it). In your ``conftest.py``:
 
     pytest_plugins = ["deq_functional.benchmarking"]   # or: from deq_functional.benchmarking import deq_benchmark
 
-and in a test::
+and in a test:
 
     import torch, deq_functional as dq
 
@@ -44,7 +44,7 @@ module, and with it torch, in every pytest run of every environment where
 deq_functional is installed, and would claim a fixture name there. Opting in with one
 line in ``conftest.py`` keeps it where it is wanted.
 
-Without pytest, :class:`DeviceTimer` and :func:`summarize_info` are usable on their own.
+Without pytest, `DeviceTimer` and `summarize_info` are usable on their own.
 """
 
 from __future__ import annotations
@@ -150,17 +150,20 @@ def _dynamo_compiles() -> int | None:
 
 class DeqBenchmark:
     """What the ``deq_benchmark`` fixture gives a test: pytest-benchmark's ``benchmark``,
-    timed with :class:`DeviceTimer`, with warm-up calls and the solver's report recorded.
+    timed with `DeviceTimer`, with warm-up calls and the solver's report recorded.
 
     Args:
         benchmark: pytest-benchmark's ``benchmark`` fixture (anything with ``pedantic``,
             ``extra_info`` and ``disabled``).
-        rounds, warmup, device, clock: defaults for :meth:`pedantic`.
+        rounds: default timed rounds for `pedantic`.
+        warmup: default untimed warm-up calls for `pedantic`.
+        device: default device for `pedantic` (None: inferred per call).
+        clock: default clock for `pedantic` (``"wall"`` or ``"thread"``).
 
     Attributes:
         extra_info: pytest-benchmark's ``extra_info`` dict (saved in its JSON).
-        samples: seconds of each timed round, from the last :meth:`pedantic`.
-        timer: the :class:`DeviceTimer` of the last :meth:`pedantic`.
+        samples: seconds of each timed round, from the last `pedantic`.
+        timer: the `DeviceTimer` of the last `pedantic`.
     """
 
     def __init__(self, benchmark: Any, *, rounds: int = DEFAULT_ROUNDS, warmup: int = DEFAULT_WARMUP,
@@ -187,7 +190,7 @@ class DeqBenchmark:
         return self.pedantic(fn, args, kwargs)
 
     def make_timer(self, device: Any = None, clock: str | None = None) -> DeviceTimer:
-        """A :class:`DeviceTimer` for rounds you drive yourself (e.g. A/B comparisons): on ``device``,
+        """A `DeviceTimer` for rounds you drive yourself (e.g. A/B comparisons): on ``device``,
         else this fixture's device, else the current CUDA device if CUDA was initialized in this
         process, else the CPU; ``clock`` defaults to this fixture's."""
         device = device if device is not None else self.device
@@ -209,18 +212,18 @@ class DeqBenchmark:
 
         Args:
             rounds: timed calls (one per pytest-benchmark round).
-            warmup: untimed calls first (default :data:`DEFAULT_WARMUP`; the device is
+            warmup: untimed calls first (default `DEFAULT_WARMUP`; the device is
                 synchronized after them).
             device: where the work runs. Default: the device of the first tensor in
                 ``args``/``kwargs``, else in the warm-up result; else the current CUDA
                 device if CUDA was initialized in this process, else the CPU.
-            clock: ``"wall"`` or ``"thread"`` (CPU only), see :class:`DeviceTimer`.
-            info: ``result -> Info``; default: the first ``Info`` in the result (:func:`find_info`).
+            clock: ``"wall"`` or ``"thread"`` (CPU only), see `DeviceTimer`.
+            info: ``result -> Info``; default: the first ``Info`` in the result (`find_info`).
 
         Records in ``extra_info``: ``time_s`` (summary), ``times_s`` (every round),
         ``timer``, ``device``, ``warmup``, ``rounds``, ``dynamo_compiles_during_timing``,
         and from the last timed call's ``Info`` (when there is one) the fields of
-        :func:`summarize_info` plus ``nstep_per_round``.
+        `summarize_info` plus ``nstep_per_round``.
         """
         kwargs = kwargs or {}
         rounds = self.rounds if rounds is None else rounds
@@ -292,7 +295,7 @@ class DeqBenchmark:
         self.extra_info["nstep_per_round"] = [None if i is None else summarize_info(i)["nstep"] for i in infos]
 
     def record_info(self, info: Info, prefix: str = "") -> dict:
-        """Record :func:`summarize_info` of ``info`` in ``extra_info`` under ``prefix + name``
+        """Record `summarize_info` of ``info`` in ``extra_info`` under ``prefix + name``
         (e.g. one per arm of an A/B benchmark); returns the summary."""
         summary = summarize_info(info)
         self.extra_info.update({prefix + k: v for k, v in summary.items()})
@@ -327,7 +330,7 @@ else:
 
     @_pytest.fixture
     def deq_benchmark(benchmark):
-        """pytest-benchmark's ``benchmark`` as a :class:`DeqBenchmark`: device-synchronized timing,
-        :data:`DEFAULT_WARMUP` untimed warm-up calls, the returned ``Info`` recorded in ``extra_info``."""
+        """pytest-benchmark's ``benchmark`` as a `DeqBenchmark`: device-synchronized timing,
+        `DEFAULT_WARMUP` untimed warm-up calls, the returned ``Info`` recorded in ``extra_info``."""
         return DeqBenchmark(benchmark)
 
