@@ -52,19 +52,20 @@ class Loop:
     Args:
         solver: the solver (its options give the budget and the stopping rule).
         g: ``(B, D) -> (B, D)``, the map whose fixed point is sought.
-        freeze: mask stopped problems out of every update (needed whenever iterations run
-            between host reads: per-problem batches, ``check_every > 1``, compile, vmap).
         opts: in-place writes / constant mixing, passed to the solver's step.
         trace: keep the residual of every iteration.
         host_status: the driver classifies on the host (eager, one problem, a read after every
-            iteration): the body leaves ``status``, ``nstep`` and ``res_min`` alone.
+            iteration, so it stops right after the problem does): the body leaves ``status``,
+            ``nstep`` and ``res_min`` alone and masks nothing. Otherwise stopped problems are
+            masked out of every update (iterations run between reads: per-problem batches,
+            ``check_every > 1``, compile, vmap).
     """
 
     def __init__(
         self, solver: Solver, g: Callable[[torch.Tensor], torch.Tensor], *,
-        freeze: bool, opts: StepOptions, trace: bool, host_status: bool = False,
+        opts: StepOptions, trace: bool, host_status: bool = False,
     ):
-        self.solver, self.g, self.freeze, self.opts, self.trace = solver, g, freeze, opts, trace
+        self.solver, self.g, self.opts, self.trace = solver, g, opts, trace
         self.host_status = host_status
         self.rule = solver.rule
         self.autocast = False  # set by init: whether the user's autocast is on for z's device
@@ -97,8 +98,7 @@ class Loop:
             status, nstep, res_min = s.status, s.nstep, s.res_min
         else:
             running = s.status == RUNNING
-            if self.freeze:
-                z = torch.where(running[:, None], z, s.z)
+            z = torch.where(running[:, None], z, s.z)
         gz = self.g(z)
         r = gz - z
         res, scale = row_norms(r), row_norms(gz)

@@ -77,7 +77,6 @@ def iterate(
     loop = Loop(
         solver,
         lambda flat: view.to_flat(g(view.from_flat(flat))),
-        freeze=not single,
         opts=StepOptions(inplace=eager and not graph, constant_mixing=constant_mixing),
         trace=trace,
         host_status=single,
