@@ -52,7 +52,12 @@ class GradMode:
     """
 
     differentiates_iterations: ClassVar[bool] = False
-    constant_mixing: ClassVar[bool] = False
+
+    @property
+    def constant_mixing(self) -> bool:
+        """Hold the solver's data-dependent coefficients constant in a graph through the
+        iterations (see ``StepOptions``); only ``Unrolled`` builds such a graph."""
+        return False
 
     def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:  # pragma: no cover - abstract
         """The differentiable ``z_star`` from the last iterate ``z_K`` (and ``gz_K = f(z_K)``)."""
@@ -198,7 +203,7 @@ class Unrolled(GradMode):
         check_bool("Unrolled", "differentiate_mixing", self.differentiate_mixing)
 
     @property
-    def constant_mixing(self) -> bool:  # type: ignore[override]
+    def constant_mixing(self) -> bool:
         return not self.differentiate_mixing
 
     def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
