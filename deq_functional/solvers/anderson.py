@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .._checks import check_finite_real, check_int, check_real
-from .._flat import first_slots, used_slots, work_dtype, write_slot
+from .._flat import combine, first_slots, project, used_slots, work_dtype, write_slot
 from ._base import Solver
 
 
@@ -98,7 +98,7 @@ class Anderson(Solver):
         r = r.to(images.dtype)
         images = write_slot(images, 1, slot, gz, opts.inplace)
         residuals = write_slot(residuals, 1, slot, r, opts.inplace)
-        row = (residuals @ r[:, :, None])[..., 0]  # (B, m): rᵢ · r, the one new Gram row
+        row = project(residuals, r)  # (B, m): rᵢ · r, the one new Gram row
         gram = write_slot(write_slot(gram, 1, slot, row, opts.inplace), 2, slot, row, opts.inplace)
         slots = first_slots(k + 1, self.m, z.device)
         alpha = mixing_coefficients(gram, slots, self.lam)
@@ -107,8 +107,7 @@ class Anderson(Solver):
             # residuals that vanish at convergence, but the ill-conditioned Gram solve makes
             # that product blow up numerically (seen: a 1e3× gradient after 100 iterations).
             alpha = alpha.detach()
-        a = alpha[:, None, :]
-        z_next = (a @ used_slots(images, slots))[:, 0]
+        z_next = combine(alpha, used_slots(images, slots))
         if self.beta != 1.0:
-            z_next = z_next - (1.0 - self.beta) * (a @ used_slots(residuals, slots))[:, 0]
+            z_next = z_next - (1.0 - self.beta) * combine(alpha, used_slots(residuals, slots))
         return z_next.to(z.dtype), (images, residuals, gram)

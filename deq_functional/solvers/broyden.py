@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .._checks import check_int
-from .._flat import first_slots, select, used_slots, work_dtype, write_slot
+from .._flat import combine, first_slots, project, row_dots, select, used_slots, work_dtype, write_slot
 from ._base import Solver
 
 
@@ -21,15 +21,16 @@ def low_rank_inverse(us: torch.Tensor, vs: torch.Tensor, pairs: Any, w: torch.Te
             or an ``(M,)`` bool mask.
         w: ``(B, D)``.
 
-    Cost: two passes over the used pairs, ``O(B n D)``.
+    Cost: two passes over the used pairs, ``O(B n D)``, and one over ``w``.
     """
     if isinstance(pairs, int):
         if pairs == 0:
             return -w
-        coef = used_slots(vs, pairs) @ w[:, :, None]
-    else:
-        coef = (vs @ w[:, :, None]) * pairs[:, None]
-    return (coef.transpose(1, 2) @ used_slots(us, pairs))[:, 0] - w
+        us, vs = used_slots(us, pairs), used_slots(vs, pairs)
+    coef = project(vs, w)  # (B, n): vᵢ · w
+    if not isinstance(pairs, int):
+        coef = coef * pairs
+    return combine(coef, us) - w
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,13 @@ class Broyden(Solver):
         pairs = first_slots(slot, self.memory, z.device)  # this cycle's pairs, before this one
         inv_F = low_rank_inverse(us, vs, pairs, F)
         v = low_rank_inverse(vs, us, pairs, dz)  # Ĵ⁻ᵀ Δz
-        den = (v[:, None, :] @ dF[:, :, None])[:, 0]  # vᵀΔF, (B, 1)
+        den = row_dots(v, dF)  # vᵀΔF, (B, 1)
         scale = torch.linalg.vector_norm(v, dim=1, keepdim=True) * torch.linalg.vector_norm(dF, dim=1, keepdim=True)
         safe = den.abs() > torch.finfo(dtype).eps * scale
-        inv_den = torch.where(safe, 1.0 / torch.where(safe, den, torch.ones_like(den)), 0.0)
+        inv_den = safe / torch.where(safe, den, 1.0)  # 1/(vᵀΔF), or 0 (no NaN in its gradient either)
         # u = (Δz − Ĵ⁻¹ΔF)/(vᵀΔF) with Ĵ⁻¹ΔF = Ĵ⁻¹F − Ĵ⁻¹F_prev: the last step made Ĵ⁻¹F_prev = −Δz,
         # so the numerator is −Ĵ⁻¹F; after a restart Ĵ⁻¹ = −I and it is Δz + ΔF.
-        u = select(restart, dz + dF, inv_F) * select(restart, inv_den, -inv_den)
+        u = select(restart, lambda: (dz + dF) * inv_den, lambda: inv_F * -inv_den)
         if opts.constant_mixing:
             # Unrolled: differentiate through F(z_k), with the inverse-Jacobian estimate held
             # constant (its derivative multiplies F, which vanishes at the fixed point; past
@@ -102,5 +103,6 @@ class Broyden(Solver):
             u, v = u.detach(), v.detach()
         us = write_slot(us, 1, slot, u, opts.inplace)
         vs = write_slot(vs, 1, slot, v, opts.inplace)
-        inv_F = torch.addcmul(inv_F, u, (v[:, None, :] @ F[:, :, None])[:, 0])  # + u (vᵀF): the new pair's term
-        return (zw - inv_F).to(z.dtype), (us, vs, zw, F)
+        # z − Ĵ⁻¹F with the new pair's term u (vᵀF) added to Ĵ⁻¹F
+        z_next = torch.addcmul(zw - inv_F, u, row_dots(v, F), value=-1)
+        return z_next.to(z.dtype), (us, vs, zw, F)
