@@ -19,7 +19,11 @@ recorded (they must agree).
   Compile s = first compiled step − the median steady compiled step.
 * Compiled ÷ eager: the two steps timed back to back, order alternating per round
   (``measure.Rotating``), after one more untimed call of each; ratio per round, min /
-  median. The conv workload: JFB at K=30 only (its compile is several times the MLP's).
+  median. A third arm replays only the eager step's model GEMMs / convolutions
+  (``measure.ModelOps``: embedding, every f, readout and their backward; not the
+  solver's ``bmm``): ÷ eager, the lowest compiled ÷ eager a compiler can reach that runs
+  the same model arithmetic on the same BLAS / oneDNN. The conv workload: JFB at K=30
+  only (its compile is several times the MLP's).
 
 ``bench_compiled_budget``: a compiled no-grad solve with ``max_iter=4000`` vs the same
 with ``max_iter=30`` on a problem that converges in 14 iterations (MLP, Anderson m=5,
@@ -153,7 +157,8 @@ def bench_compiled_step(deq_benchmark, make_workload, workload, mode, max_iter):
         for step in (compiled, eager):  # one more untimed call each (a second call may still specialise)
             step()
 
-    rot = measure.Rotating(timer, {"compiled": compiled, "eager": eager})
+    floor = measure.ModelOps(eager)  # the eager step's model GEMMs/convs, replayed alone
+    rot = measure.Rotating(timer, {"compiled": compiled, "eager": eager, "model_ops": floor.replay})
     load_before = measure.load_average()
     deq_benchmark.group = "compile"
     deq_benchmark.pedantic(rot.round, rounds=ROUNDS[workload], warmup=0)
@@ -166,6 +171,9 @@ def bench_compiled_step(deq_benchmark, make_workload, workload, mode, max_iter):
         "eager_s": measure.stats(rot.samples["eager"]),
         "ratio_compiled_over_eager": rot.ratio("compiled", "eager"),
         "ratio_of_min": min(rot.samples["compiled"]) / min(rot.samples["eager"]),
+        "model_ops_s": measure.stats(rot.samples["model_ops"]),
+        "model_ops_counts": floor.counts,
+        "ratio_model_ops_over_eager": rot.ratio("model_ops", "eager"),
         "compile_s": first_step_s - compiled_s["median"],
         "first_compiled_step_s": first_step_s,
         "compile_cache": "cold: torch._dynamo.reset() + torch._inductor.utils.fresh_cache()",

@@ -12,6 +12,10 @@ exactly what each number means:
   (``torch.autograd.graph.saved_tensors_hooks``); a storage saved several times
   (or viewed by several saved tensors) counts once, keyed by its device and
   ``untyped_storage().data_ptr()``; reported with and without the parameters.
+- ``ModelOps``: the model's GEMMs and convolutions of one call (``aten.mm``, ``addmm``,
+  ``convolution`` and their backward), recorded through a ``TorchDispatchMode`` with
+  copies of their inputs, replayed alone: a floor for any compiled version of the same
+  call that runs the same GEMMs on the same BLAS / oneDNN.
 - ``PeakMemory``: CPU: the kernel's peak-RSS counter (``VmHWM``), reset by
   writing ``5`` to ``/proc/self/clear_refs`` before the call; the reported
   number is the peak minus the RSS just before the call. CUDA:
@@ -156,3 +160,35 @@ class Rotating:
 
     def ratio(self, a: str, b: str) -> dict:
         return stats([x / y for x, y in zip(self.samples[a], self.samples[b], strict=True)])
+
+
+MODEL_OPS = ("aten.mm.default", "aten.addmm.default", "aten.convolution.default",
+             "aten.convolution_backward.default")
+
+
+class ModelOps:
+    """The ``MODEL_OPS`` that one call of ``fn`` dispatches (forward and backward), kept with
+    copies of their arguments; ``replay()`` runs just them, in order. Solver-side ``bmm``
+    (Anderson's history) is left out: the floor is the model's own arithmetic."""
+
+    def __init__(self, fn: Callable):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = self.ops = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if str(func) in MODEL_OPS:
+                    copy = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+                    ops.append((func, copy, kwargs))
+                return func(*args, **kwargs)
+
+        with Record():
+            fn()
+        self.counts = {name: sum(str(f) == name for f, _, _ in ops) for name in MODEL_OPS}
+
+    def replay(self) -> None:
+        with torch.no_grad():
+            for func, args, kwargs in self.ops:
+                func(*args, **kwargs)
