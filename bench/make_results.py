@@ -383,11 +383,39 @@ def section_denormals(data, rows):
     return out, []
 
 
+def section_allocator(data, rows):
+    rs = by_kind(rows, "allocator")
+    if not rs:
+        return [], []
+    out = [
+        "## 6. CPU allocator: glibc malloc defaults vs raised thresholds",
+        "",
+        "Each arm runs `bench/allocator_probe.py` in a process of its own (glibc adapts its thresholds to what a "
+        "process has freed): a no-grad solve (`Anderson(m=5, tol=1e-4, max_iter=30)`), eager or compiled "
+        "(`fullgraph=True`), 15 timed calls after 3 untimed ones. 'tuned' = `MALLOC_MMAP_THRESHOLD_` and "
+        "`MALLOC_TRIM_THRESHOLD_` at 1 GiB "
+        "(freed memory is reused instead of returned to the kernel, as jemalloc / tcmalloc do). Every other table "
+        "runs with glibc's defaults; the library sets nothing.",
+        "",
+        command(data, "bench_cpu_allocator"),
+        "",
+        "| setting | arm | ms | minor page faults per call | nstep |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sorted(rs, key=lambda r: r["setting"]):
+        for arm, v in r["arms"].items():
+            out.append(f"| {r['setting']} | {arm} | {mmed(v['s'], 1e3, '{:.2f}')} | "
+                       f"{v['minor_faults_per_call']:.0f} | {v['nstep']} |")
+    out.append("")
+    return out, []
+
+
 def main(bench_json, out_md):
     data, rows = load(bench_json)
     lines = header(data)
     sections, checks = [], []
-    for fn in (section_solver, section_train, section_compile, section_torchdeq, section_denormals):
+    for fn in (section_solver, section_train, section_compile, section_torchdeq, section_denormals,
+               section_allocator):
         s, c = fn(data, rows)
         sections += s
         checks += c
