@@ -12,6 +12,7 @@ from helpers import (
     tanh_f,
     tanh_params,
 )
+from torch.autograd.gradcheck import GradcheckError
 
 import deq_functional as dq
 
@@ -168,3 +169,27 @@ def test_unrolled_through_many_accelerated_iterations_stays_near_ift(name):
     exact = _closed_form(A, x, c)
     g = _grads(dq.Unrolled(), SOLVER_CLASSES[name](max_iter=100, tol=0.0), A, x, c)
     torch.testing.assert_close(g[0], exact[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["anderson", "broyden"])
+def test_unrolled_differentiating_the_mixing_is_the_exact_derivative_of_the_iterations(name):
+    # differentiate_mixing=True: autograd through K accelerated steps, Anderson's α and
+    # Broyden's pairs included, must be the derivative of the map θ -> z_K (finite differences);
+    # the default holds them constant, which is a different (approximate) derivative there.
+    p = tanh_params(5, 4)
+    x = torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    solver = SOLVER_CLASSES[name](max_iter=6, tol=0.0)
+
+    def unrolled(mode):
+        def fn(W, b):
+            z0 = torch.zeros(2, 5, dtype=torch.float64)
+            z, _ = dq.fixed_point(tanh_f, {"W": W, "U": p["U"], "b": b}, x, solver=solver, grad_mode=mode, z0=z0)
+            return z
+
+        return fn
+
+    inputs = [t.clone().requires_grad_() for t in (p["W"], p["b"])]
+    assert torch.autograd.gradcheck(unrolled(dq.Unrolled(differentiate_mixing=True)), inputs, eps=1e-6, atol=1e-8,
+                                    rtol=1e-6)
+    with pytest.raises(GradcheckError, match="Jacobian mismatch"):
+        torch.autograd.gradcheck(unrolled(dq.Unrolled()), inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
