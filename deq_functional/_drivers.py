@@ -63,7 +63,7 @@ def run_eager(loop: Loop, s: LoopState, *, keep_states: bool = False) -> Run:
         if keep_states:
             states.append(s.z.detach())
     if codes is None:
-        codes = read_host(loop.rule.final(s.status, s.res, s.scale))
+        codes = read_host(loop.rule.final(s.status, s.res, s.scale, s.res_start))
     return Run(s, codes, states)
 
 
@@ -73,7 +73,7 @@ def run_eager_single(loop: Loop, s: LoopState, *, keep_states: bool = False) -> 
     ``K + 1`` reads for ``K`` iterations. The loop's ``Loop`` must have ``host_status=True``."""
     rule, eps = loop.rule, torch.finfo(s.res.dtype).eps
     res, scale = read_host(torch.cat([s.res, s.scale]))
-    res_min, code, k = math.inf, rule.update_host(RUNNING, res, scale, math.inf, eps), 0
+    res_start, res_min, code, k = res, math.inf, rule.update_host(RUNNING, res, scale, math.inf, None, eps), 0
     states = []
     while code == RUNNING and k < loop.solver.max_iter:
         s = loop.body(k, s)
@@ -82,9 +82,9 @@ def run_eager_single(loop: Loop, s: LoopState, *, keep_states: bool = False) -> 
             states.append(s.z.detach())
         res_min = min(res_min, res)
         res, scale = read_host(torch.cat([s.res, s.scale]))
-        code = rule.update_host(code, res, scale, res_min, eps)
+        code = rule.update_host(code, res, scale, res_min, res_start, eps)
     if code == RUNNING:
-        code = int(Status.CONVERGED) if rule.converged(res, scale) else int(Status.MAX_ITER)
+        code = int(Status.CONVERGED) if rule.converged(res, scale, res_start) else int(Status.MAX_ITER)
     device = s.res.device
     s = s._replace(
         status=torch.tensor([code], device=device),

@@ -26,6 +26,7 @@ class LoopState(NamedTuple):
         z, gz, r: ``(B, D)`` iterate, its image ``g(z)`` and the residual ``g(z) − z``.
         res, scale: ``(B,)`` ``‖g(z) − z‖`` and ``‖g(z)‖`` (float32 for half states).
         res_min: ``(B,)`` smallest residual so far (the divergence rule).
+        res_start: ``(B,)`` the residual of ``z0`` (CONVERGED needs progress from it).
         status: ``(B,)`` int64, ``RUNNING`` or a final ``Status`` code.
         nstep: ``(B,)`` int64 iterations taken.
         best: ``()`` or ``(z, gz, res, step)`` of the lowest-residual iterate (``return_best``).
@@ -39,6 +40,7 @@ class LoopState(NamedTuple):
     res: torch.Tensor
     scale: torch.Tensor
     res_min: torch.Tensor
+    res_start: torch.Tensor
     status: torch.Tensor
     nstep: torch.Tensor
     best: tuple
@@ -67,10 +69,11 @@ class Loop:
     ):
         self.solver, self.g, self.opts, self.trace = solver, g, opts, trace
         self.host_status = host_status
-        self.rule = solver.rule
+        self.rule = solver.rule  # set by init for the state's dtype (Rule.for_state)
         self.autocast = False  # set by init: whether the user's autocast is on for z's device
 
     def init(self, z: torch.Tensor, gz: torch.Tensor) -> LoopState:
+        self.rule = self.solver.rule.for_state(z.dtype)
         r = gz - z
         res, scale = row_norms(r), row_norms(gz)
         status = self.rule.initial(res, scale)
@@ -83,7 +86,7 @@ class Loop:
         self.autocast = torch.is_autocast_enabled(z.device.type)
         with self._no_autocast(z):
             solver_state = self.solver.init(z, gz)
-        return LoopState(z, gz, r, res, scale, res, status, nstep, best, trace, solver_state)
+        return LoopState(z, gz, r, res, scale, res, res, status, nstep, best, trace, solver_state)
 
     def _no_autocast(self, z: torch.Tensor):
         """Solver maths runs in the state's own dtype even inside the user's autocast."""
@@ -103,7 +106,7 @@ class Loop:
         r = gz - z
         res, scale = row_norms(r), row_norms(gz)
         if running is not None:
-            status = self.rule.update(s.status, res, scale, s.res_min)
+            status = self.rule.update(s.status, res, scale, s.res_min, s.res_start)
             nstep, res_min = s.nstep + running, torch.minimum(s.res_min, res)
         best = s.best
         if best:
@@ -118,11 +121,11 @@ class Loop:
         if trace:
             row = res if running is None else torch.where(running, res, torch.nan)
             trace = (write_slot(trace[0], 0, k + 1, row, self.opts.inplace),)
-        return LoopState(z, gz, r, res, scale, res_min, status, nstep, best, trace, solver_state)
+        return LoopState(z, gz, r, res, scale, res_min, s.res_start, status, nstep, best, trace, solver_state)
 
     def finish(self, s: LoopState, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor, Info]:
         """``(z_K, g(z_K), info)`` with final status codes; info tensors detached."""
-        status = self.rule.final(s.status, s.res, s.scale)
+        status = self.rule.final(s.status, s.res, s.scale, s.res_start)
         z, gz, res, scale = s.z, s.gz, s.res, s.scale
         extra = {}
         if s.best:

@@ -85,3 +85,14 @@ def test_autocast_default_tol_warns_and_float32_does_not():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         solve(p, x, solver=dq.Anderson(max_iter=5, tol=1e-9))  # float32: tol is the user's call
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_a_doubling_half_precision_iteration_is_diverged_well_before_it_overflows(dtype, scale):
+    # float16 overflows at 65504: from |x| = 10 a doubling iterate gets there in ~12 steps, before
+    # the default 1e4 growth; capped at 256 for float16 it stops at step 8 with values near 2560
+    x = torch.full((4, 3), scale, dtype=dtype)
+    z, info = dq.fixed_point(lambda p, z, x: 2 * z + x, {}, x, solver=dq.Picard(max_iter=200, tol=1e-2))
+    assert int(info.status) == dq.Status.DIVERGED and bool(torch.isfinite(z).all())
+    assert float(z.float().abs().max()) <= torch.finfo(dtype).max / 8  # 3+ doublings of headroom left

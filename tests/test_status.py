@@ -69,6 +69,36 @@ def test_a_map_without_a_fixed_point_is_never_converged(name, dtype):
         assert int(info.status) in (S.MAX_ITER, S.DIVERGED)
 
 
+@pytest.mark.parametrize("name", SOLVER_CLASSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_z_plus_one_stays_unconverged_when_the_iterates_grow_past_r_over_tol(name, dtype):
+    # the relative residual 1/|z| drops below tol=1e-2 once |z| > 100 (Picard: step 99), but the
+    # residual itself never shrinks: never CONVERGED, eagerly, per sample (masked) or under vmap
+    x = torch.zeros(2, 3, dtype=dtype)
+    solver = SOLVER_CLASSES[name](max_iter=400, tol=1e-2)
+    f = lambda p, z, x: z + 1  # noqa: E731
+    _, eager = dq.fixed_point(f, {}, x, solver=solver)
+    _, masked = dq.fixed_point(f, {}, x, solver=solver, per_sample=True)
+    _, mapped = torch.func.vmap(lambda xi: dq.fixed_point(f, {}, xi, solver=solver))(x)
+    for info in (eager, masked, mapped):
+        assert not bool(info.converged.any()) and set(info.status.reshape(-1).tolist()) <= {S.MAX_ITER, S.DIVERGED}
+        assert bool((info.rel_residual < 1e-2).all())  # the relative test alone would have passed
+
+
+def test_a_z0_within_the_tolerance_is_converged_at_step_0_and_a_warm_start_after_progress():
+    A = contractive_matrix(5, 0.9)
+    x = torch.ones(1, 5, dtype=torch.float64)
+    z_star, _ = dq.fixed_point(linear_f, {"A": A}, x, solver=dq.Picard(max_iter=2000, tol=1e-13))
+    _, at_start = dq.fixed_point(linear_f, {"A": A}, x, z0=z_star, solver=dq.Picard(tol=1e-6))
+    assert int(at_start.nstep) == 0 and int(at_start.status) == S.CONVERGED
+    # a warm start 3× outside the tolerance: converged once the residual has halved and rel <= tol
+    z0 = z_star + 3e-6 * torch.linalg.vector_norm(z_star) / 5**0.5
+    _, warm = dq.fixed_point(linear_f, {"A": A}, x, z0=z0, solver=dq.Picard(max_iter=500, tol=1e-6), trace=True)
+    k = int(warm.nstep)
+    assert int(warm.status) == S.CONVERGED and 0 < k < 500
+    assert float(warm.trace[k]) <= 0.5 * float(warm.trace[0]) and float(warm.rel_residual) <= 1e-6
+
+
 def test_overflow_is_never_converged():
     # finite iterates whose float32 norm overflows: f(z) = z is exact, but ‖f(z)‖ = inf
     x = torch.full((2, 4), 1e20)
@@ -204,3 +234,22 @@ def test_broyden_with_memory_one_converges_where_picard_does():
     z, info = dq.fixed_point(linear_f, {"A": A}, x, solver=dq.Broyden(max_iter=2000, tol=1e-8, memory=1))
     assert picard.status == S.CONVERGED and info.status == S.CONVERGED
     torch.testing.assert_close(z, linear_solution(A, x), atol=1e-6, rtol=1e-6)
+
+
+def test_an_adjoint_that_goes_non_finite_raises_from_backward_whatever_the_setting():
+    A = contractive_matrix(5, 0.5)
+    x = torch.ones(2, 5, dtype=torch.float64)
+    for setting in ("ignore", "warn", "raise"):
+        A_ = A.clone().requires_grad_()
+        z, _ = dq.fixed_point(linear_f, {"A": A_}, x, grad_mode="ift", on_nonconvergence=setting)
+        with pytest.raises(dq.FixedPointError, match="adjoint.*non-finite"):
+            (z * torch.nan).sum().backward()
+
+
+def test_raise_has_nothing_to_raise_under_vmap_and_the_status_reports_it():
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    solver = dq.Picard(max_iter=5)
+    _, info = torch.func.vmap(
+        lambda xi: dq.fixed_point(lambda p, z, x: z + 1, {}, xi, solver=solver, on_nonconvergence="raise")
+    )(x)
+    assert info.status.tolist() == [S.MAX_ITER] * 3

@@ -53,7 +53,8 @@ class Solver:
         atol: (keyword) absolute tolerance, default 0.
         divergence_ratio: (keyword) a problem whose residual exceeds this multiple of the
             smallest residual it has had is stopped as ``Status.DIVERGED``; ``math.inf``
-            turns the rule off. Default 1e4.
+            turns the rule off. Default 1e4; for float16 iterates a finite ratio is capped
+            at 256 (√ of float16's largest value), so the iterates stop well before overflow.
         check_every: (keyword) eagerly, read the status on the host once every this many
             iterations (one device sync each; the iterations in between are masked, so
             results do not depend on it). Default 1: on a CPU a read costs about a
