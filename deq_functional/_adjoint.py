@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ._transforms import is_compiling
+from ._transforms import inside_vmap, is_compiling
 from ._tree import flatten, unflatten
 
 
@@ -54,6 +54,17 @@ def implicit_output(mode: Any, call: Any, z_K: Any) -> Any:
     problem = call.problem
     z_out = problem.map(detached=False)(z_K)
     out_leaves = flatten(z_out)[0]
+    if is_compiling() and inside_vmap(out_leaves[0]):
+        # Dynamo cannot trace a custom autograd.Function inside vmap (torch 2.13, 2.14.1: "vmap
+        # over ApplyTemplate"), and batched tensors hide whether anything requires grad.
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                f"fixed_point: grad_mode={type(mode).__name__} under torch.compile over torch.func.vmap needs a "
+                "custom autograd.Function, which torch cannot compile inside vmap. Use per_sample=True instead "
+                "of vmap, vmap outside the compiled function, grad_mode='jfb' / Phantom / Unrolled, or "
+                "torch.no_grad() if no gradient is wanted."
+            )
+        return z_out
     if is_compiling() and not any(t.requires_grad for t in out_leaves):
         # Nothing to differentiate, so the Function would be the identity; skipping it sidesteps
         # a Dynamo bug in torch 2.14 that passes a ctx to a setup_context-style forward then.

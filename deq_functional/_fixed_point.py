@@ -12,7 +12,6 @@ from ._info import Info, with_fields
 from ._problem import Problem
 from ._report import ON_NONCONVERGENCE, apply_policy
 from ._solve import Solution, iterate
-from ._transforms import inside_vmap
 from ._tree import tree_map
 from .gradients import IFT, ForwardCall, as_grad_mode
 from .solvers import Anderson, as_solver
@@ -97,7 +96,6 @@ def fixed_point(
     z0_given = z0 is not None
     if not z0_given:
         z0 = tree_map(torch.zeros_like, x)
-    per_sample = per_sample and not inside_vmap()
     problem = Problem(f, params, x, z0)
 
     graph = mode.differentiates_iterations

@@ -16,7 +16,7 @@ from ._flat import FlatView
 from ._info import FixedPointError, FixedPointWarning, Info, Status
 from ._loop import Loop
 from ._transforms import Regime, regime
-from ._tree import describe, same_layout
+from ._tree import describe, flatten, same_layout
 from .solvers._base import Solver, StepOptions
 
 
@@ -55,7 +55,8 @@ def iterate(
     """Run ``solver`` on ``z = g(z)`` from ``z0`` (``gz0 = g(z0)`` already evaluated).
 
     Args:
-        per_sample: the leading dim of every leaf indexes independent problems.
+        per_sample: the leading dim of every leaf indexes independent problems (ignored
+            inside ``vmap``: each mapped problem is one problem of its own).
         what: names the solve in errors and warnings ("fixed_point: the forward solve").
         trace, keep_states: keep every residual / every iterate.
         graph: an autograd graph is built through the iterations (``Unrolled``): buffers
@@ -67,9 +68,10 @@ def iterate(
 
     Cost: ``K`` calls of ``g`` plus the solver's own work, ``K ≤ solver.max_iter``.
     """
+    where = regime(flatten(gz0)[0][0])
+    per_sample = per_sample and where is not Regime.MAPPED  # under vmap each mapped problem is one
     view = FlatView(z0, per_sample, owner=what.split(":")[0])
     z, gz = view.to_flat(z0), view.to_flat(gz0)
-    where = regime(gz)
     eager = where is Regime.EAGER
     if where is not Regime.COMPILED:
         _warn_if_tol_unreachable(solver, z, what)

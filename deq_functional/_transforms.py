@@ -29,11 +29,17 @@ def is_compiling() -> bool:
 def inside_vmap(sample: torch.Tensor | None = None) -> bool:
     """True inside ``torch.func.vmap`` (each mapped problem is one problem of its own).
 
-    ``sample``: a tensor of the computation, probed with a read where functorch's
+    ``sample``: a tensor of the computation that vmap batches when it maps anything the
+    solve depends on (e.g. ``f(z0)``). Under ``torch.compile`` it is the only evidence
+    (tested for being batched); elsewhere it is probed with a read where functorch's
     interpreter stack is not importable (a fresh tensor would read fine inside vmap).
     """
     if is_compiling():
-        return False
+        # Dynamo cannot walk functorch's interpreter stack, but it traces this test of the
+        # tensor itself (True for a tensor vmap has batched, torch 2.13 and 2.14.1)
+        from torch._C._functorch import is_batchedtensor
+
+        return sample is not None and is_batchedtensor(sample)
     try:
         from torch._C._functorch import TransformType
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
@@ -52,8 +58,8 @@ def _read_refused(t: torch.Tensor) -> bool:  # pragma: no cover - fallback only
 
 def regime(sample: torch.Tensor | None = None) -> Regime:
     """The regime of the code running now (``sample``: see `inside_vmap`)."""
+    if inside_vmap(sample):  # first: vmap under compile is MAPPED (while_loop has no vmap rule)
+        return Regime.MAPPED
     if is_compiling():
         return Regime.COMPILED
-    if inside_vmap(sample):
-        return Regime.MAPPED
     return Regime.EAGER

@@ -195,3 +195,43 @@ def test_a_new_batch_size_recompiles_once_with_dynamic_shapes(per_sample):
         torch.testing.assert_close(zc, ze, rtol=1e-5, atol=1e-6)
         assert torch.equal(ic.nstep, ie.nstep) and torch.equal(ic.status, ie.status)
     assert counter.frame_count == 2  # the static first size, then one dynamic graph
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_compiled_vmap_over_fixed_point_equals_eager_vmap(per_sample):
+    # inside vmap (compiled or not) each mapped problem is one problem of its own and the
+    # masked budget runs (torch.while_loop has no vmap rule); JFB and Unrolled compile there
+    W, x, y = _data()
+
+    def loss_for(mode):
+        def loss(W, x, y):
+            z, info = torch.func.vmap(
+                lambda xi: dq.fixed_point(f, {"W": W}, xi, solver=dq.Anderson(max_iter=12, tol=1e-4), grad_mode=mode,
+                                          per_sample=per_sample)
+            )(x)
+            return ((z - y) ** 2).sum(), info
+
+        return loss
+
+    for mode in ("jfb", "unrolled"):
+        torch._dynamo.reset()
+        le, ge, ie = _run(loss_for(mode), W, x, y)
+        lc, gc, ic = _run(torch.compile(loss_for(mode), fullgraph=True, backend="aot_eager"), W, x, y)
+        torch.testing.assert_close(lc, le)
+        torch.testing.assert_close(gc, ge)
+        assert ic.nstep.shape == (B,) and torch.equal(ic.nstep, ie.nstep) and torch.equal(ic.status, ie.status)
+
+
+def test_compiled_vmap_with_ift_raises_a_clear_error_and_runs_without_grad():
+    torch._dynamo.reset()
+    W, x, y = _data()
+
+    def loss(W, x):
+        z, _ = torch.func.vmap(lambda xi: dq.fixed_point(f, {"W": W}, xi, grad_mode="ift"))(x)
+        return ((z - y) ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="torch.compile over torch.func.vmap"):
+        compiled(W.clone().requires_grad_(), x)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(W, x), loss(W, x))

@@ -133,3 +133,11 @@ def test_from_module_round_trip_and_gradients():
         dq.to_module(module, {"nope": torch.zeros(1)})
     with pytest.raises(ValueError, match="shape"):
         dq.to_module(module, {"lin.bias": torch.zeros(4)})
+
+
+def test_a_standalone_solver_under_vmap_treats_each_mapped_problem_as_one():
+    z0 = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    solve = dq.Picard(max_iter=200, tol=1e-10)
+    z, info = tf.vmap(lambda c: solve(lambda z: 0.5 * z + c, torch.zeros_like(c), per_sample=True))(z0)
+    assert info.nstep.shape == (3,) and bool(info.converged.all())
+    torch.testing.assert_close(z, 2 * z0)
