@@ -193,3 +193,45 @@ def test_unrolled_differentiating_the_mixing_is_the_exact_derivative_of_the_iter
                                     rtol=1e-6)
     with pytest.raises(GradcheckError, match="Jacobian mismatch"):
         torch.autograd.gradcheck(unrolled(dq.Unrolled()), inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ift", "jfb", "neumann", "unrolled", dq.Phantom(3, 0.5), dq.Phantom(2, 1.0)], ids=str)
+def test_every_mode_returns_one_more_application_of_f_after_the_last_iterate(mode):
+    # the counting rule: Picard with K = 3 iterations returns f^4(z0), whatever the gradient mode
+    A, x, _ = _linear_case()
+    z, info = dq.fixed_point(linear_f, {"A": A}, x, solver=dq.Picard(max_iter=3, tol=0.0), grad_mode=mode)
+    expected = torch.zeros_like(x)
+    for _ in range(4):
+        expected = linear_f({"A": A}, expected, x)
+    assert int(info.nstep) == 3
+    torch.testing.assert_close(z, expected, atol=0, rtol=0)
+
+
+def test_phantom_differentiates_its_damped_steps_from_the_last_iterate():
+    A, x, c = _linear_case()
+    solver = dq.Picard(max_iter=3, tol=0.0)
+    A_, x_ = A.clone().requires_grad_(), x.clone().requires_grad_()
+    z_K = dq.fixed_point(linear_f, {"A": A}, x, solver=dq.Picard(max_iter=2, tol=0.0), grad_mode="jfb")[0].detach()
+    z = z_K  # Picard(max_iter=3) iterates z_0..z_3 = f^3(0); jfb with 2 iterations returns f^3(0)
+    for _ in range(3):
+        z = z + 0.5 * (linear_f({"A": A_}, z, x_) - z)
+    (z * c).sum().backward()
+    gA, gx = _grads(dq.Phantom(3, 0.5), solver, A, x, c)
+    torch.testing.assert_close(gA, A_.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(gx, x_.grad, atol=1e-12, rtol=1e-12)
+
+
+def test_unrolled_from_an_exact_fixed_point_still_has_the_one_step_gradient():
+    # z0 = z* passes the tolerance at step 0 (nstep 0): z_star = f(params, z0, x) keeps a graph,
+    # so Unrolled returns the gradient of that one application: JFB's, not zero
+    A, x, c = _linear_case()
+    z0 = linear_solution(A, x)
+    grads = {}
+    for mode in ("unrolled", "jfb"):
+        A_ = A.clone().requires_grad_()
+        z, info = dq.fixed_point(linear_f, {"A": A_}, x, z0=z0, solver=dq.Anderson(tol=1e-8), grad_mode=mode)
+        assert int(info.nstep) == 0
+        (z * c).sum().backward()
+        grads[mode] = A_.grad
+    assert float(grads["unrolled"].abs().max()) > 1e-3
+    torch.testing.assert_close(grads["unrolled"], grads["jfb"], atol=1e-12, rtol=1e-12)
