@@ -3,6 +3,7 @@
 ``z_star, info = fixed_point(f, params, x, solver=..., grad_mode=...)``.
 """
 
+from . import models  # the reference models: dq.models.mlp / conv / multiscale
 from ._fixed_point import fixed_point
 from ._info import FixedPointError, FixedPointWarning, Info, Status
 from ._module import from_module, to_module
@@ -40,4 +41,5 @@ __all__ = [
     "spectral_radius",
     "correction_loss",
     "correction_weights",
+    "models",
 ]

@@ -204,3 +204,10 @@ def test_from_module_round_trip_matches_mlp_model():
     torch.testing.assert_close(module(z, x), mlp.apply({"latent": {"weight": new["W.weight"]}}, z, x))
     with pytest.raises(ValueError, match=r"to_module: \['V\.weight'\] are not parameters of TanhDEQ"):
         dq.to_module(module, {"V.weight": torch.zeros(16, 16)})
+
+
+def test_the_reference_models_are_reachable_from_the_package():
+    import deq_functional as dq
+
+    assert dq.models.mlp is mlp and dq.models.conv is conv and dq.models.multiscale is multiscale
+    assert "models" in dq.__all__

@@ -156,3 +156,38 @@ def test_return_best_keeps_the_lowest_residual_iterate():
     assert float(best.residual) < float(last.residual)
     assert int(best.best_step) == 5 and int(best.nstep) == 10
     torch.testing.assert_close(best.residual, torch.tensor(2 ** -6, dtype=torch.float64))
+
+
+def test_solvers_by_name_and_by_position():
+    A = contractive_matrix(4, 0.5)
+    x = torch.ones(2, 4, dtype=torch.float64)
+    for name in ("picard", "Anderson", "BROYDEN"):
+        z, info = dq.fixed_point(linear_f, {"A": A}, x, solver=name)
+        assert bool(info.converged)
+        torch.testing.assert_close(z, linear_solution(A, x), atol=1e-4, rtol=1e-4)
+    p, a, b = dq.Picard(100, 1e-6, 0.5), dq.Anderson(100, 1e-6, 3, 0.9, 1e-3), dq.Broyden(100, 1e-6, 5)
+    assert (p.max_iter, p.tol, p.damping) == (100, 1e-6, 0.5)
+    assert (a.max_iter, a.tol, a.m, a.beta, a.lam) == (100, 1e-6, 3, 0.9, 1e-3)
+    assert (b.max_iter, b.tol, b.memory) == (100, 1e-6, 5)
+
+
+def test_one_damped_picard_step_and_one_damped_anderson_step_follow_their_formulas():
+    # iteration 0 of both is z1 = (1 − β) z0 + β g(z0); the solver returns g(z1)
+    g = lambda z: torch.tanh(z) + 1.0  # noqa: E731
+    z0 = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    z1 = 0.7 * z0 + 0.3 * g(z0)
+    for solver in (dq.Picard(max_iter=1, tol=0.0, damping=0.3), dq.Anderson(max_iter=1, tol=0.0, beta=0.3)):
+        z, info = solver(g, z0)
+        assert int(info.nstep) == 1
+        torch.testing.assert_close(z, g(z1), atol=1e-15, rtol=0)
+
+
+def test_anderson_ridge_is_relative_so_the_iterations_do_not_depend_on_the_scale():
+    A = contractive_matrix(6, 0.9, seed=4)
+    counts = []
+    for scale in (1e-6, 1.0, 1e6):
+        x = scale * torch.ones(1, 6, dtype=torch.float64)
+        _, info = dq.fixed_point(linear_f, {"A": A}, x, solver=dq.Anderson(max_iter=200, tol=1e-10, lam=1e-2))
+        assert bool(info.converged)
+        counts.append(int(info.nstep))
+    assert counts[0] == counts[1] == counts[2], counts
