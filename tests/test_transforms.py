@@ -55,7 +55,7 @@ def test_vmap_over_x_equals_the_batched_call(per_sample):
     assert info_map.nstep.shape == (5,) and bool(info_map.converged.all())  # one problem per mapped row
 
 
-@pytest.mark.parametrize("mode", ["ift", "neumann", "jfb"])
+@pytest.mark.parametrize("mode", ["ift", "neumann", "jfb", "unrolled", dq.Phantom(3, 0.7)], ids=str)
 def test_per_sample_gradients_with_vmap_of_grad(mode):
     p, x, z0, c = _problem()
 
