@@ -21,7 +21,8 @@ class Status(enum.IntEnum):
     """How a solve ended, per problem (``info.status`` holds these codes as integers).
 
     Attributes:
-        CONVERGED: ``residual <= atol + tol · ‖f(z)‖`` at the returned iterate.
+        CONVERGED: ``residual <= atol + tol · ‖f(z)‖`` at the returned iterate (and, after
+            ``z0``, a residual at most half of ``z0``'s).
         MAX_ITER: the ``max_iter`` budget ran out first.
         DIVERGED: the iterates ran away: the residual grew to more than
             ``divergence_ratio`` times the smallest residual seen so far; the problem was

@@ -55,6 +55,7 @@ class Loop:
         solver: the solver (its options give the budget and the stopping rule).
         g: ``(B, D) -> (B, D)``, the map whose fixed point is sought.
         opts: in-place writes / constant mixing, passed to the solver's step.
+        dtype: the iterates' dtype (the stopping rule depends on it: `Rule.for_state`).
         trace: keep the residual of every iteration.
         host_status: the driver classifies on the host (eager, one problem, a read after every
             iteration, so it stops right after the problem does): the body leaves ``status``,
@@ -65,15 +66,14 @@ class Loop:
 
     def __init__(
         self, solver: Solver, g: Callable[[torch.Tensor], torch.Tensor], *,
-        opts: StepOptions, trace: bool, host_status: bool = False,
+        opts: StepOptions, trace: bool, dtype: torch.dtype, host_status: bool = False,
     ):
         self.solver, self.g, self.opts, self.trace = solver, g, opts, trace
         self.host_status = host_status
-        self.rule = solver.rule  # set by init for the state's dtype (Rule.for_state)
+        self.rule = solver.rule.for_state(dtype)
         self.autocast = False  # set by init: whether the user's autocast is on for z's device
 
     def init(self, z: torch.Tensor, gz: torch.Tensor) -> LoopState:
-        self.rule = self.solver.rule.for_state(z.dtype)
         r = gz - z
         res, scale = row_norms(r), row_norms(gz)
         status = self.rule.initial(res, scale)

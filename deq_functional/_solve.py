@@ -81,6 +81,7 @@ def iterate(
         lambda flat: view.to_flat(g(view.from_flat(flat))),
         opts=StepOptions(inplace=eager and not graph, constant_mixing=constant_mixing),
         trace=trace,
+        dtype=z.dtype,
         host_status=single,
     )
     start = loop.init(z, gz)

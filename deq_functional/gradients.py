@@ -182,8 +182,6 @@ class Phantom(GradMode):
         for _ in range(self.k):
             fz = step(z)
             z = fz if self.damping == 1.0 else tree_map(lambda a, b: a + self.damping * (b - a), z, fz)
-        if self.k == 1 and self.damping == 1.0:
-            return z  # f(z_K) itself: JFB
         return tree_map(lambda value, chain: value.detach() + (chain - chain.detach()), gz_K, z)
 
 

@@ -48,8 +48,8 @@ class Solver:
     Attributes:
         max_iter: iteration budget (>= 1).
         tol: relative tolerance; a problem has converged when
-            ``‖f(z) − z‖ <= atol + tol · ‖f(z)‖``. ``tol = atol = 0`` runs exactly
-            ``max_iter`` iterations.
+            ``‖f(z) − z‖ <= atol + tol · ‖f(z)‖`` and, after ``z0``, its residual has at least
+            halved from ``z0``'s. ``tol = atol = 0`` runs exactly ``max_iter`` iterations.
         atol: (keyword) absolute tolerance, default 0.
         divergence_ratio: (keyword) a problem whose residual exceeds this multiple of the
             smallest residual it has had is stopped as ``Status.DIVERGED``; ``math.inf``
