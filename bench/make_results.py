@@ -410,12 +410,63 @@ def section_allocator(data, rows):
     return out, []
 
 
+def section_vs_jax(data, rows):
+    rs = by_kind(rows, "vs_jax")
+    if not rs:
+        return [], []
+    r0 = rs[0]
+    v = r0.get("versions", {})
+    out = [
+        "## 7. The MLP training step in JAX vs ours (eager and compiled), one process",
+        "",
+        "`bench/jax_mlp.py` writes the MLP step in JAX (jax " + v.get("jax", "?") + ", jaxlib " + v.get("jaxlib", "?")
+        + "): our Anderson (m=5, ridge relative to the Gram diagonal, same stopping rule, the whole batch as one "
+        "problem) in `jax.lax.while_loop`, cross-entropy loss, gradients of every parameter and an SGD update "
+        "(lr=0), all under one `jax.jit`; JFB by `stop_gradient(z_K)`, IFT by a `jax.custom_vjp` whose adjoint "
+        "`u = Jᵀu + ḡ` runs the same Anderson on vjps, linearised at `z* = f(z_K)`. Ours: `TrainStep` eager, and "
+        "with the loss under `torch.compile(fullgraph=True)` (as in table 3). Same weights (torch → numpy → jax), "
+        "float32, tol 1e-4. Before timing, one step of each arm: forward nstep and status equal in all three arms, "
+        "IFT's adjoint nstep equal in JAX and eager, gradient difference = max over parameters of "
+        "‖a − b‖∞ / ‖b‖∞ against the eager step. One thread per arm (torch: `set_num_threads(1)`; XLA: `XLA_FLAGS` "
+        "and `NPROC=1`), checked from per-thread CPU time: the busiest thread's share of the process's CPU time "
+        "(JAX / eager / compiled) is shown. The three arms are timed in rotation in each round (wall clock; JAX "
+        "with `block_until_ready`); ratios ours ÷ JAX per round (min / median), and of the arms' minima. "
+        "First call = compile + one step (torch: Dynamo + inductor + AOTAutograd, caches of earlier "
+        "configurations in the session may be warm).",
+        "",
+        command(data, "bench_vs_jax"),
+        "",
+        "| mode | max_iter | JAX ms | eager ms | compiled ms | eager ÷ JAX (per round) | compiled ÷ JAX (per round) | "
+        "nstep JAX / eager / compiled | adjoint nstep JAX / eager | grad diff JAX, compiled vs eager | "
+        "busiest-thread share | first call s, JAX / compiled |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {"jfb": 0, "ift": 1}
+    for r in sorted(rs, key=lambda r: (order.get(r["mode"], 9), r["max_iter"])):
+        c = r["check"]
+        fwd, adj = c["forward"], c.get("adjoint")
+        share = " / ".join("–" if r["threads"][a].get("top_share") is None else f"{r['threads'][a]['top_share']:.2f}"
+                           for a in ("jax", "eager", "compiled"))
+        out.append(
+            f"| {r['mode'].upper()} | {r['max_iter']} | {mmed(r['jax_s'], 1e3, '{:.2f}')} | "
+            f"{mmed(r['eager_s'], 1e3, '{:.2f}')} | {mmed(r['compiled_s'], 1e3, '{:.2f}')} | "
+            f"{mmed(r['ratio_eager_over_jax'])} (minima {r['ratio_of_min_eager_over_jax']:.2f}) | "
+            f"{mmed(r['ratio_compiled_over_jax'])} (minima {r['ratio_of_min_compiled_over_jax']:.2f}) | "
+            f"{nstep(fwd['jax'])} / {nstep(fwd['eager'])} / {nstep(fwd['compiled'])} | "
+            f"{(nstep(adj['jax']) + ' / ' + nstep(adj['eager'])) if adj else '–'} | "
+            f"{c['grad_jax_vs_eager']['max_rel_inf']:.1e}, {c['grad_compiled_vs_eager']['max_rel_inf']:.1e} | "
+            f"{share} | {r['first_call_s']['jax']:.1f} / {r['first_call_s']['compiled']:.1f} |"
+        )
+    out.append("")
+    return out, []
+
+
 def main(bench_json, out_md):
     data, rows = load(bench_json)
     lines = header(data)
     sections, checks = [], []
     for fn in (section_solver, section_train, section_compile, section_torchdeq, section_denormals,
-               section_allocator):
+               section_allocator, section_vs_jax):
         s, c = fn(data, rows)
         sections += s
         checks += c
