@@ -10,7 +10,7 @@ import torch
 from ._checks import check_bool, check_choice, check_int
 from ._info import Info, with_fields
 from ._problem import Problem
-from ._report import ON_NONCONVERGENCE, apply_policy
+from ._report import ON_NONCONVERGENCE, Policy
 from ._solve import Solution, iterate
 from ._tree import tree_map
 from .gradients import IFT, ForwardCall, as_grad_mode
@@ -107,8 +107,8 @@ def fixed_point(
             solver, problem.map(detached=not graph), z0, gz0,
             per_sample=per_sample, what=FORWARD_SOLVE, trace=trace,
             keep_states=return_trajectory > 0, graph=graph, constant_mixing=mode.constant_mixing,
+            policy=Policy(on_nonconvergence),
         )
-    apply_policy(on_nonconvergence, sol.host_status, sol.info, solver, FORWARD_SOLVE)
     z_star = mode.output(ForwardCall(problem, solver, per_sample, on_nonconvergence), sol.z, sol.answer)
     info = sol.info
     if return_trajectory:

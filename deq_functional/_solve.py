@@ -13,8 +13,9 @@ import torch
 
 from ._drivers import run_budget, run_eager, run_eager_single, run_while_loop
 from ._flat import FlatView
-from ._info import FixedPointError, FixedPointWarning, Info, Status
+from ._info import FixedPointWarning, Info
 from ._loop import Loop
+from ._report import IGNORE, Policy, report
 from ._transforms import Regime, regime
 from ._tree import describe, flatten, same_layout
 from .solvers._base import Solver, StepOptions
@@ -28,14 +29,12 @@ class Solution(NamedTuple):
         answer: ``g(z_K)``, one more application of ``g``: what a solve returns (the
             counting contract), and the differentiable path for ``Unrolled``.
         info: the report.
-        host_status: the status codes read on the host (eager only, else ``None``).
         states: the detached iterates ``z_1 .. z_K`` when ``keep_states``, else empty.
     """
 
     z: Any
     answer: Any
     info: Info
-    host_status: list | None
     states: list
 
 
@@ -49,6 +48,7 @@ def iterate(
     what: str,
     trace: bool = False,
     keep_states: bool = False,
+    policy: Policy = IGNORE,
     graph: bool = False,
     constant_mixing: bool = False,
 ) -> Solution:
@@ -58,13 +58,15 @@ def iterate(
         per_sample: the leading dim of every leaf indexes independent problems (ignored
             inside ``vmap``: each mapped problem is one problem of its own).
         what: names the solve in errors and warnings ("fixed_point: the forward solve").
+        policy: what the verdicts turn into, eagerly (see ``_report.Policy``).
         trace, keep_states: keep every residual / every iterate.
         graph: an autograd graph is built through the iterations (``Unrolled``): buffers
             are written out of place and, under compile, the masked budget runs.
         constant_mixing: see ``StepOptions``.
 
     Raises:
-        FixedPointError: eagerly, when a problem ends NONFINITE.
+        FixedPointError: eagerly, when a problem ends NONFINITE, or MAX_ITER / DIVERGED under
+            ``policy.on_nonconvergence="raise"`` (``"warn"``: a ``FixedPointWarning``).
 
     Cost: ``K`` calls of ``g`` plus the solver's own work, ``K ≤ solver.max_iter``.
     """
@@ -94,10 +96,9 @@ def iterate(
     else:
         run = run_budget(loop, start, keep_states=keep_states)
     z, gz, info = loop.finish(run.state, per_sample)
-    if run.host_status is not None and Status.NONFINITE in run.host_status:
-        _raise_nonfinite(info, what)
+    report(policy, run.host_status, info, solver, what)
     states = [view.from_flat(s) for s in run.states]
-    return Solution(view.from_flat(z), view.from_flat(gz), info, run.host_status, states)
+    return Solution(view.from_flat(z), view.from_flat(gz), info, states)
 
 
 def solve_map(solver: Solver, g: Callable[[Any], Any], z0: Any, *, per_sample: bool, trace: bool) -> tuple[Any, Info]:
@@ -108,17 +109,6 @@ def solve_map(solver: Solver, g: Callable[[Any], Any], z0: Any, *, per_sample: b
         raise ValueError(f"{owner}: g(z) must return the structure and shapes of z; got {describe(gz0)} for z0 = {describe(z0)}")
     out = iterate(solver, g, z0, gz0, per_sample=per_sample, what=owner, trace=trace)
     return out.answer, out.info
-
-
-def _raise_nonfinite(info: Info, what: str) -> None:
-    bad = (info.status == Status.NONFINITE).reshape(-1)
-    steps = sorted(set(info.nstep.reshape(-1)[bad].tolist()))
-    raise FixedPointError(
-        f"{what}: non-finite iterate at step {', '.join(map(str, steps))}: "
-        f"residual {info.residual.reshape(-1)[bad].tolist()} "
-        f"({int(bad.sum())} of {bad.numel()} problem(s); NaN/Inf values, or norms past the dtype's range). "
-        f"Try: {Status.NONFINITE.advice}."
-    )
 
 
 def resolution(dtype: torch.dtype, device_type: str) -> float:

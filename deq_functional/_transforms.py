@@ -1,18 +1,26 @@
-"""Where a solve runs: eagerly, traced by ``torch.compile``, or mapped by ``torch.func.vmap``.
+"""Where a solve runs (eagerly, traced by ``torch.compile``, mapped by ``torch.func.vmap``), and
+how a custom forward-mode rule is made visible to outer ``torch.func`` levels.
 
-The answer picks the iteration driver (see ``_drivers.py``): values can be read on
-the host only eagerly. This is the one module that touches a private torch API:
-telling "inside vmap" apart needs functorch's interpreter stack
-(``torch._functorch.pyfunctorch``), because a vmapped solve must treat each mapped
-row as its own problem and must not read values. Where that API is missing (another
-torch version), a probing read answers the same question more slowly.
+The regime picks the iteration driver (see ``_drivers.py``): values can be read on the
+host only eagerly. This is the one module that touches private torch API:
+
+* telling "inside vmap" apart needs functorch's interpreter stack
+  (``torch._functorch.pyfunctorch``), because a vmapped solve must treat each mapped
+  row as its own problem and must not read values (where that API is missing, a probing
+  read answers the same question more slowly);
+* `outer_visible` runs a custom ``jvp`` rule one functorch level down, so that an outer
+  ``jvp`` / ``jacfwd`` differentiates it (torch runs custom jvp rules with forward grad
+  off, which made every second forward-mode derivative silently zero).
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Any, Callable
 
 import torch
+
+from ._tree import tree_map
 
 
 class Regime(enum.Enum):
@@ -63,3 +71,32 @@ def regime(sample: torch.Tensor | None = None) -> Regime:
     if is_compiling():
         return Regime.COMPILED
     return Regime.EAGER
+
+
+def outer_visible(rule: Callable[..., Any], *args: Any) -> Any:
+    """``rule(*args)`` run so that *outer* ``torch.func.jvp`` levels differentiate it.
+
+    torch (2.13, 2.14.1) calls a custom ``autograd.Function.jvp`` with forward-mode AD
+    disabled, so to an enclosing ``jvp`` the rule's result is a constant and
+    ``jvp(jvp(...))`` / ``jacfwd(jacfwd(...))`` lose every term that differentiates the rule.
+    Re-enabling forward AD alone is not enough: the rule's tensors are wrapped at the current
+    level L and carry its tangents, so every op would be differentiated at L again. So, as
+    functorch's own generated rules do: unwrap level L, run the rule one level lower with the
+    forward-AD mode L was entered with, wrap the result back at L. Outside functorch's ``jvp``
+    (plain ``torch.autograd.forward_ad``, which cannot nest) the rule runs as it is.
+    """
+    from torch._C._functorch import TransformType, _unwrap_for_grad, _wrap_for_grad, peek_interpreter_stack
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+    from torch.autograd.forward_ad import _set_fwd_grad_enabled
+
+    if peek_interpreter_stack() is None:
+        return rule(*args)
+    interpreter: Any = retrieve_current_functorch_interpreter()  # a JvpInterpreter when the key says so
+    if interpreter.key() != TransformType.Jvp:
+        return rule(*args)
+    level = interpreter.level()
+    unwrap = lambda t: _unwrap_for_grad(t, level) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    inner = [tree_map(unwrap, a) for a in args]
+    with _set_fwd_grad_enabled(interpreter.prev_fwd_grad_mode()), interpreter.lower():
+        out = rule(*inner)
+    return tree_map(lambda t: _wrap_for_grad(t, level), out)

@@ -15,7 +15,10 @@ Unrolled   backprop through every solver iteration (reference)          stores a
 
 IFT, JFB, Neumann and Phantom keep autograd memory constant in the number of
 solver iterations: the forward solve runs with params and x detached and
-under ``torch.no_grad``. They give first-order gradients (no double backward).
+under ``torch.no_grad``. Every mode composes with forward mode and higher-order
+derivatives; what a second derivative means for each is the table in the
+gradient-modes guide (IFT: exact; JFB, Neumann, Phantom: ``z_K`` held constant;
+Unrolled: the iterations differentiated).
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from ._adjoint import implicit_output
-from ._checks import check_bool, check_int, check_real
+from ._checks import check_bool, check_choice, check_int, check_real
+from ._implicit import AdjointMap, ProblemMap, SolveSetup, Spec, TangentMap, attach
+from ._info import Status
+from ._linearize import Linearization, detached, jvp_params, jvp_z
 from ._problem import Problem
-from ._report import apply_policy
-from ._solve import iterate
-from ._transforms import is_compiling
-from ._tree import tree_map
+from ._report import Policy
+from ._solve import Solution, iterate
+from ._transforms import inside_vmap, is_compiling
+from ._tree import flatten, tree_map
 from .solvers import Solver, as_solver
 
 
@@ -69,48 +74,157 @@ def _add(a: Any, b: Any) -> Any:
 
 
 ADJOINT_SOLVE = "fixed_point: the IFT adjoint (backward) solve"
+TANGENT_SOLVE = "fixed_point: the IFT tangent (forward-mode) solve"
+
+
+class ImplicitMode(GradMode):
+    """A mode whose ``z_star`` carries derivatives defined by linear algebra on ``J = ∂f/∂z``
+    rather than by a graph of f: its value is ``f(z_K)`` (computed by the solve), and the
+    ``autograd.Function`` in ``_implicit.py`` calls `adjoint` from backward and `tangent` from
+    forward mode, at every derivative order.
+
+    ``linearizes_at_output``: ``J`` is taken at ``z_star`` itself, which carries its own
+    implicit derivative (IFT: exact at every order); otherwise at ``z_K`` held constant.
+    """
+
+    linearizes_at_output: ClassVar[bool] = True
+
+    def adjoint(self, spec: Spec, lin: Linearization, cotangent: Any) -> Any:  # pragma: no cover - abstract
+        """The adjoint vector ``u`` for the cotangent ``ḡ`` (backward returns ``Jₚᵀu``)."""
+        raise NotImplementedError
+
+    def tangent(self, spec: Spec, point: Any, params: list, param_tangents: list) -> Any:  # pragma: no cover
+        """The tangent of ``z_star`` for the parameter tangents ``ṗ`` (``None``: none)."""
+        raise NotImplementedError
+
+    def adjoint_solver(self, call: ForwardCall) -> Solver:
+        """The solver of the derivative solves (the forward solver unless the mode names one)."""
+        return call.solver
+
+    def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
+        problem = call.problem
+        params = [*problem.param_leaves, *problem.x_leaves]
+        value = detached(gz_K)
+        if is_compiling() and inside_vmap(flatten(value)[0][0]):
+            # Dynamo cannot trace a custom autograd.Function inside vmap (torch 2.13, 2.14.1: "vmap
+            # over ApplyTemplate"), and batched tensors hide whether anything requires grad.
+            if torch.is_grad_enabled():
+                raise NotImplementedError(
+                    f"fixed_point: grad_mode={type(self).__name__} under torch.compile over torch.func.vmap needs a "
+                    "custom autograd.Function, which torch cannot compile inside vmap. Use per_sample=True instead "
+                    "of vmap, vmap outside the compiled function, grad_mode='jfb' / Phantom / Unrolled, or "
+                    "torch.no_grad() if no gradient is wanted."
+                )
+            return value
+        if is_compiling() and not any(t.requires_grad for t in params):
+            # Nothing to differentiate, so the Function would be the identity; skipping it sidesteps
+            # a Dynamo bug in torch 2.14 that passes a ctx to a setup_context-style forward then.
+            # (Only under compile: inside vmap, batched tensors report requires_grad=False even when
+            # the tensors they wrap require it, and skipping would silently give JFB's gradient.)
+            return value
+        setup = SolveSetup(self.adjoint_solver(call), call.per_sample, Policy(call.on_nonconvergence, self.fallback))
+        n = problem.n_state_leaves
+        spec = Spec(self, ProblemMap(problem), setup, n, 0 if self.linearizes_at_output else n)
+        return attach(spec, value, None if self.linearizes_at_output else detached(z_K), params)
+
+    @property
+    def fallback(self) -> str | None:
+        return None
+
+
+def _derivative_solve(spec: Spec, product: Any, rhs: Any, kind: str) -> Solution:
+    """Solve ``v = product(v) + rhs`` from ``v₀ = 0`` (so ``g(v₀) = rhs``) without a graph, by
+    the spec's solver: an IFT adjoint (``kind="adjoint"``) or tangent solve."""
+    setup = spec.setup
+    what = ADJOINT_SOLVE if kind == "adjoint" else TANGENT_SOLVE
+    if setup.order > 1:
+        what += f" of a derivative of order {setup.order}"
+    # (Traced, the cotangents of a pytree state can be views of one tensor, and the body of
+    # torch.while_loop refuses tensors that alias one another: fresh copies there.)
+    rhs = tree_map(torch.clone, detached(rhs)) if is_compiling() else detached(rhs)
+    with torch.no_grad():
+        zeros = tree_map(torch.zeros_like, rhs)
+        return iterate(
+            setup.solver, lambda v: _add(product(v), rhs), zeros, rhs,
+            per_sample=setup.per_sample, what=what, policy=setup.policy,
+        )
+
+
+def _fall_back(sol: Solution, exact: Any, jfb: Any, per_sample: bool) -> Any:
+    """``exact`` where a problem's derivative solve converged, ``jfb`` (JFB's vector) elsewhere."""
+    failed = sol.info.status != int(Status.CONVERGED)
+
+    def pick(e: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        f = failed.reshape(failed.shape + (1,) * (e.dim() - failed.dim())) if per_sample else failed
+        return torch.where(f, j, e)
+
+    return tree_map(pick, exact, jfb)
 
 
 @dataclass(frozen=True)
-class IFT(GradMode):
-    r"""Exact implicit-function-theorem gradient.
+class IFT(ImplicitMode):
+    r"""Exact implicit-function-theorem gradient, and derivatives of every order.
 
     Backward solves the adjoint fixed point ``u = J(z*)ᵀ u + ḡ`` with ``solver``
-    applied to the map ``u ↦ Jᵀu + ḡ`` (one ``torch.func.vjp`` per iteration, no
-    Jacobian formed), then returns ``(∂f/∂θ)ᵀ u`` and ``(∂f/∂x)ᵀ u``.
+    applied to the map ``u ↦ Jᵀu + ḡ`` (one vjp per iteration, no Jacobian formed),
+    then returns ``(∂f/∂θ)ᵀ u`` and ``(∂f/∂x)ᵀ u``. Forward mode (``torch.func.jvp``,
+    ``jacfwd``, ``hessian``) solves the tangent ``t = J t + (∂f/∂θ)θ̇ + (∂f/∂x)ẋ`` the same way,
+    with one jvp per iteration. ``J`` is taken at ``z*`` itself, which carries its own implicit
+    derivative; when a graph of the backward is wanted (``create_graph=True``,
+    ``torch.func.grad``/``jacrev``/``hessian``), ``u`` is attached as the solution of its own
+    implicit equation, so second and higher derivatives are exact too (up to the solvers'
+    tolerance). A plain ``loss.backward()`` takes a fast path: one graph of f at ``z*``, the
+    adjoint iterations backpropagate through it in z only, then once to the weights.
 
-    The adjoint solve ends with a status like the forward one, but has no ``info`` to
-    return it in: eagerly, NONFINITE raises ``FixedPointError`` from ``backward()`` and
-    MAX_ITER / DIVERGED follow the call's ``on_nonconvergence`` (warn or raise); under
-    compile or vmap nothing is raised and the gradient comes from the last adjoint iterate.
+    Every derivative solve ends with a status like the forward one, but has no ``info`` to
+    return it in: eagerly, NONFINITE raises ``FixedPointError`` and MAX_ITER / DIVERGED
+    follow the call's ``on_nonconvergence`` (warn or raise); under compile or vmap nothing
+    is raised. Problems whose solve did not converge keep the last iterate, or, with
+    ``fallback="jfb"``, get JFB's vector instead (``u = ḡ``, ``t = (∂f/∂θ)θ̇ + (∂f/∂x)ẋ``),
+    per problem (a ``torch.where``: also under compile and vmap); the warning counts them.
     Under ``torch.compile`` the adjoint runs in ``torch.while_loop`` and re-runs f once per
-    iteration to linearise it inside the loop body (a forward and a backward of f each).
+    iteration to linearise it inside the loop body (a forward and a backward of f each);
+    forward mode is not available there (Dynamo cannot trace a custom jvp).
 
     Attributes:
-        solver: solver for the adjoint problem (instance or "picard" | "anderson" |
-            "broyden"); ``None`` reuses the forward solver.
+        solver: solver for the derivative solves (instance or "picard" | "anderson" |
+            "broyden"; ``dq.GMRES`` where the adjoint is hard for fixed-point iteration);
+            ``None`` reuses the forward solver.
+        fallback: ``None`` or ``"jfb"``: what problems whose derivative solve did not
+            converge get (see above).
 
     References:
         Bai, Kolter, Koltun, "Deep Equilibrium Models", NeurIPS 2019.
     """
 
     solver: Any = None
+    fallback: str | None = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.solver is not None:
             object.__setattr__(self, "solver", as_solver(self.solver, owner="IFT"))
+        if self.fallback is not None:
+            check_choice("IFT", "fallback", self.fallback, ("jfb",))
 
-    def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
-        return implicit_output(self, call, z_K)
+    def adjoint_solver(self, call: ForwardCall) -> Solver:
+        return self.solver or call.solver
 
-    def adjoint(self, call: ForwardCall, z_K: Any, params: list, x: list, cotangent: Any) -> Any:
-        """``u = (I − Jᵀ)⁻¹ ḡ`` by the adjoint solver, from ``u_0 = 0`` (so ``g(u_0) = ḡ``)."""
-        solver = self.solver or call.solver
-        vjp = call.problem.transposed_jacobian(z_K, params, x, relinearize=is_compiling())
-        zeros = tree_map(torch.zeros_like, cotangent)
-        sol = iterate(solver, lambda u: _add(vjp(u), cotangent), zeros, cotangent, per_sample=call.per_sample, what=ADJOINT_SOLVE)
-        apply_policy(call.on_nonconvergence, sol.host_status, sol.info, solver, ADJOINT_SOLVE)
-        return sol.answer
+    def adjoint(self, spec: Spec, lin: Linearization, cotangent: Any) -> Any:
+        """``u = (I − Jᵀ)⁻¹ ḡ`` by the adjoint solver, attached as an implicit solution when a
+        graph of the backward is wanted."""
+        sol = _derivative_solve(spec, lin.solve_vjp, cotangent, "adjoint")
+        u = sol.answer
+        if lin.differentiable:
+            q = [*flatten(lin.point)[0], *lin.params, *flatten(cotangent)[0]]
+            u = attach(spec.derived(AdjointMap(spec.fn)), u, None, q)
+        return _fall_back(sol, u, cotangent, spec.setup.per_sample) if self.fallback else u
+
+    def tangent(self, spec: Spec, point: Any, params: list, param_tangents: list) -> Any:
+        """``t = (I − J)⁻¹ Jₚṗ`` by the adjoint solver, attached as an implicit solution."""
+        b = jvp_params(spec.fn, params, point, param_tangents)
+        sol = _derivative_solve(spec, jvp_z(spec.fn, detached(params), detached(point)), b, "tangent")
+        t = attach(spec.derived(TangentMap(spec.fn)), sol.answer, None, [*flatten(point)[0], *params, *flatten(b)[0]])
+        return _fall_back(sol, t, b, spec.setup.per_sample) if self.fallback else t
 
 
 @dataclass(frozen=True)
@@ -126,10 +240,13 @@ class JFB(GradMode):
 
 
 @dataclass(frozen=True)
-class Neumann(GradMode):
+class Neumann(ImplicitMode):
     r"""Truncated Neumann series ``u = Σ_{i=0..k} (Jᵀ)^i ḡ`` for ``(I − Jᵀ)⁻¹ ḡ``.
 
     ``Neumann(0)`` equals JFB; as ``k → ∞`` it approaches IFT when ``ρ(J) < 1``.
+    Forward mode gives the matching tangent ``t = Σ_{i=0..k} J^i ((∂f/∂θ)θ̇ + (∂f/∂x)ẋ)``.
+    ``J`` and ``∂f/∂θ`` are taken at the last iterate ``z_K`` held constant (as JFB holds it),
+    so higher derivatives differentiate these series in θ and x only.
     Backward cost: ``k + 1`` vjps.
 
     Attributes:
@@ -137,20 +254,25 @@ class Neumann(GradMode):
     """
 
     k: int = 5
+    linearizes_at_output: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_int("Neumann", "k", self.k, 0)
 
-    def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
-        return implicit_output(self, call, z_K)
-
-    def adjoint(self, call: ForwardCall, z_K: Any, params: list, x: list, cotangent: Any) -> Any:
-        vjp = call.problem.transposed_jacobian(z_K, params, x, relinearize=False)
+    def adjoint(self, spec: Spec, lin: Linearization, cotangent: Any) -> Any:
         u = term = cotangent
         for _ in range(self.k):
-            term = vjp(term)
+            term = lin.vjp_z(term)
             u = _add(u, term)
         return u
+
+    def tangent(self, spec: Spec, point: Any, params: list, param_tangents: list) -> Any:
+        t = term = jvp_params(spec.fn, params, point, param_tangents)
+        product = jvp_z(spec.fn, params, point)
+        for _ in range(self.k):
+            term = product(term)
+            t = _add(t, term)
+        return t
 
 
 @dataclass(frozen=True)
