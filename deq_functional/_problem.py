@@ -1,9 +1,10 @@
-"""The problem ``z = f(params, z, x)``: its tensors as flat leaves, the one way to call f, its vjps.
+"""The problem ``z = f(params, z, x)``: its tensors as flat leaves and the one way to call f.
 
-``Problem`` keeps the tensor leaves of ``params`` and ``x`` as flat lists so the adjoint
+``Problem`` keeps the tensor leaves of ``params`` and ``x`` as flat lists so the implicit
 ``autograd.Function`` can receive each one as an input (the torch.func rule), and calls
 ``f`` on leaves with its output cast to the state's dtypes (under ``torch.autocast`` f may
-return the autocast dtype). ``check_output`` validates f's first output.
+return the autocast dtype). ``check_output`` validates f's first output. Its
+Jacobian products live in ``_linearize.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._tree import describe, dtype_name, flatten, same_layout, tree_map, unflatten
+from ._tree import describe, dtype_name, flatten, same_layout, unflatten
 
 
 class Problem:
@@ -72,54 +73,9 @@ class Problem:
         params, inputs = unflatten(self.param_spec, p), unflatten(self.x_spec, x)
         return lambda z: self._cast(self.f(params, z, inputs))
 
-    def transposed_jacobian(self, z: Any, param_leaves: list, x_leaves: list, *, relinearize: bool) -> Callable[[Any], Any]:
-        """``u ↦ J(z)ᵀ u`` for ``J = ∂f/∂z`` at ``(params, z, x)``; no Jacobian is formed.
-
-        ``relinearize=False``: one ``torch.func.vjp`` now (one forward of f), one backward
-        per call. ``relinearize=True`` (inside ``torch.while_loop``, where a vjp closure made
-        outside the body cannot be lifted into it): every call re-runs f on fresh clones of
-        its inputs, so each costs a forward and a backward of f.
-
-        torch.func refuses to run under ``torch.autograd.graph.saved_tensors_hooks`` (e.g.
-        ``save_on_cpu()``); there the product comes from eager autograd on a recomputed graph.
-        """
-        if relinearize:
-            # Tensors the loop body closes over must not alias one another (z's leaves are
-            # views of one flat iterate): fresh copies once here; and, for torch 2.13, fresh
-            # copies inside the body again (it refuses to trace vjp on the lifted ones).
-            z, param_leaves, x_leaves = tree_map(torch.clone, (z, list(param_leaves), list(x_leaves)))
-
-            def relinearized(u: Any) -> Any:
-                p, x, zz = tree_map(torch.clone, (param_leaves, x_leaves, z))
-                pullback = torch.func.vjp(lambda v: self.call(p, v, x), zz)[1]
-                return pullback(u)[0]
-
-            return relinearized
-        f_of_z = lambda zz: self.call(param_leaves, zz, x_leaves)  # noqa: E731
-        try:
-            pullback = torch.func.vjp(f_of_z, z)[1]
-        except RuntimeError as err:
-            if "saved tensor hooks" not in str(err):
-                raise
-            return _autograd_pullback(f_of_z, z)
-        return lambda u: pullback(u)[0]
-
 
 def _detach(t: Any) -> Any:
     return t.detach() if isinstance(t, torch.Tensor) else t
-
-
-def _autograd_pullback(f_of_z: Callable[[Any], Any], z: Any) -> Callable[[Any], Any]:
-    """``u ↦ J(z)ᵀ u`` from eager autograd (for where torch.func.vjp refuses to run)."""
-    z_leaves, spec = flatten(tree_map(lambda t: t.detach().requires_grad_(True), z))
-    with torch.enable_grad():
-        out_leaves = flatten(f_of_z(unflatten(spec, z_leaves)))[0]
-
-    def pullback(u: Any) -> Any:
-        grads = torch.autograd.grad(out_leaves, z_leaves, flatten(u)[0], retain_graph=True, allow_unused=True)
-        return unflatten(spec, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, z_leaves, strict=True)])
-
-    return pullback
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
