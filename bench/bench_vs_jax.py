@@ -16,10 +16,13 @@ must agree (max over leaves of ``‖a − b‖∞ / ‖b‖∞``, JAX and compil
 Threads: torch runs with ``torch.set_num_threads(1)`` (bench/conftest.py), XLA with one
 compute thread (``jax_mlp.load_jax``: ``XLA_FLAGS`` and ``NPROC=1`` before jax's CPU client
 exists). Checked per arm before timing: repeated calls for ≥ ``THREAD_CHECK_S`` seconds, the
-CPU time of every thread of the process from ``/proc/self/task/*/stat``: one thread must have
-done ≥ 60 % of it. (With ``XLA_FLAGS`` alone, jaxlib 0.10.2 split this step's work evenly between
-two pool threads, 0.44 / 0.45 s; with ``NPROC=1`` its one pool thread did 75–90 % and another
-XLA thread the rest.)
+CPU time of every thread of the process from ``/proc/self/task/*/stat``: no thread may have used
+more than 0.7 × the CPU time of the busiest one. (With ``XLA_FLAGS`` alone, jaxlib 0.10.2 split
+this step's work evenly between two pool threads, 0.44 / 0.45 s, and a sampler of the threads'
+states found two or three of them running at once in 20 % of samples; with ``NPROC=1`` its one
+pool thread did 68–94 % of the CPU time, the next busiest 2–44 % of its, process CPU ÷ wall
+time was 0.99–1.00 in a run where the torch arms got a full core too (1.00), and two threads
+were "running" at once in 2–6 % of samples on a loaded machine, where that includes waiting.)
 
 Timing: ``measure.Rotating`` (each round times every arm once, starting one arm later each
 round), wall clock; the JAX call ends with ``jax.block_until_ready``. Per-round ratios
@@ -49,7 +52,7 @@ MODES = {
     "ift": lambda k: dq.IFT(solver=dq.Anderson(max_iter=k, tol=TOL, m=M)),
 }
 ROUNDS = 50
-THREAD_CHECK_S, MIN_TOP_SHARE = 0.5, 0.6
+THREAD_CHECK_S, MAX_SECOND_OVER_TOP = 0.5, 0.7
 # agreement required before timing: max over leaves of ‖a − b‖∞ / ‖b‖∞ (float32; measured ~1e-6)
 JAX_GRAD_RTOL, COMPILED_GRAD_RTOL = 1e-4, 1e-2
 
@@ -117,12 +120,13 @@ def threads_used(fn) -> dict:
     """Call ``fn`` for at least THREAD_CHECK_S seconds; which threads did the work.
 
     ``threads``: ``[name, CPU s]`` of every thread that used CPU (``main`` marks the calling
-    thread), largest first; ``top_share``: the busiest thread's share of the process's CPU time
-    (work split across a pool of two gives ~0.5). ``cpu_over_wall``: process CPU time ÷ wall
-    time (above 1 only if threads ran at once; below 1 when other processes take the core).
+    thread), largest first; ``top_share``: the busiest thread's share of the process's CPU time;
+    ``second_over_top``: the second busiest thread's CPU time ÷ the busiest's (work split across a
+    pool of two gives ~1). ``cpu_over_wall``: process CPU time ÷ wall time (above 1 only if
+    threads ran at once; below 1 when other processes take the core).
     """
     if not os.path.isdir("/proc/self/task"):
-        return {"top_share": None}
+        return {"top_share": None, "second_over_top": None}
     main = threading.get_native_id()
     before, cpu0, t0 = _thread_cpu(), time.process_time(), time.perf_counter()
     calls = 0
@@ -136,6 +140,7 @@ def threads_used(fn) -> dict:
     total = sum(s for _, s in used)
     return {
         "top_share": used[0][1] / total if total else None,
+        "second_over_top": (used[1][1] / used[0][1] if len(used) > 1 else 0.0) if total else None,
         "threads": used, "cpu_over_wall": cpu / wall, "calls": calls, "wall_s": wall,
     }
 
@@ -243,7 +248,8 @@ def bench_vs_jax(benchmark, make_workload, timer, jax, mode, max_iter):
         arm()
     threads = {name: threads_used(arm) for name, arm in arms.items()}
     for name, t in threads.items():
-        assert t["top_share"] is None or t["top_share"] >= MIN_TOP_SHARE, f"{name}: not one thread did the work: {t}"
+        assert t["second_over_top"] is None or t["second_over_top"] <= MAX_SECOND_OVER_TOP, (
+            f"{name}: not one thread did the work: {t}")
 
     rot = measure.Rotating(timer, arms)
     load_before = measure.load_average()
