@@ -115,7 +115,8 @@ def main() -> None:
         f"`python bench/ab_revision.py {' '.join(sys.argv[1:])}` — {args.rounds} A/B rounds, 1 thread, "
         "Anderson(m=5, tol 1e-4, max_iter 30), torch " + torch.__version__,
         "",
-        f"| mode | same work | {rev} ms (min / median) | now ms (min / median) | now ÷ {rev} (median of rounds) | ratio of minima |",
+        f"| mode | same work | {rev} ms (min / median) | now ms (min / median) "
+        f"| now ÷ {rev} (median of rounds) | ratio of minima |",
         "|---|---|---|---|---|---|",
     ]
     text = "\n".join(head + rows) + "\n"

@@ -13,7 +13,7 @@ from .memory import SavedTensorBytes
 from .module import DEQ
 from .normalization import conv_lipschitz_rescale, spectral_normalize
 from .regularizers import jacobian_frobenius, spectral_radius
-from .solvers import Anderson, Broyden, Picard, Solver
+from .solvers import GMRES, Anderson, Broyden, Picard, Solver
 
 __all__ = [
     "fixed_point",
@@ -25,6 +25,7 @@ __all__ = [
     "Picard",
     "Anderson",
     "Broyden",
+    "GMRES",
     "GradMode",
     "IFT",
     "JFB",

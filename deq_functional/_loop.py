@@ -103,6 +103,12 @@ class Loop:
             running = s.status == RUNNING
             z = torch.where(running[:, None], z, s.z)
         gz = self.g(z)
+        if not self.solver.evaluates_iterate:  # g ran at the solver's point: it names the iterate
+            with self._no_autocast(s.z):
+                z, gz, solver_state = self.solver.observe(solver_state, z, gz, k, self.opts)
+            z, gz = z.to(s.z.dtype), gz.to(s.z.dtype)
+            if running is not None:
+                z, gz = torch.where(running[:, None], z, s.z), torch.where(running[:, None], gz, s.gz)
         r = gz - z
         res, scale = row_norms(r), row_norms(gz)
         if running is not None:

@@ -202,7 +202,7 @@ class IFT(ImplicitMode):
 
     def __post_init__(self) -> None:
         if self.solver is not None:
-            object.__setattr__(self, "solver", as_solver(self.solver, owner="IFT"))
+            object.__setattr__(self, "solver", as_solver(self.solver, owner="IFT", affine_ok=True))
         if self.fallback is not None:
             check_choice("IFT", "fallback", self.fallback, ("jfb",))
 

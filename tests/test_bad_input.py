@@ -91,6 +91,11 @@ ROWS = [
     ("per_sample=True with an empty batch", fp(lambda p, z, x: 0.5 * z + x, x=torch.zeros(0, 3), per_sample=True), "empty"),
     ("an unknown solver or grad-mode name", fp(RUNAWAY, solver="newton"), (ValueError, "fixed_point: unknown solver 'newton'")),
     ("a bad solver option", lambda: dq.Anderson(m=0), (ValueError, "Anderson: m must be an integer >= 1, got 0")),
+    (
+        "GMRES (a linear solver) as the solver of f",
+        fp(RUNAWAY, solver=dq.GMRES()),
+        (ValueError, "fixed_point: GMRES solves affine fixed points u = A u + b (linear systems), not f's nonlinear map"),
+    ),
     ("a bad grad-mode option", lambda: dq.Neumann(k=-1), (ValueError, "Neumann: k must be an integer >= 0, got -1")),
     (
         "a bad fixed_point option",

@@ -6,7 +6,11 @@ A solver is a frozen set of hyperparameters with pure maths on ``(B, D)`` matric
 * ``step(state, z, gz, r, k, opts) -> (z_next, state)``: one update from the current
   iterate ``z``, its image ``gz = g(z)``, the residual ``r = gz − z`` (the loop computes
   it once for its norms) and the iteration index ``k`` (a Python int eagerly, a 0-dim
-  int64 tensor inside ``torch.while_loop``).
+  int64 tensor inside ``torch.while_loop``);
+* ``observe(state, p, gp, k, opts) -> (z, gz, state)``, only for a solver whose
+  ``evaluates_iterate`` is False (GMRES): ``step`` then returns the point ``p`` where ``g``
+  is evaluated next (an Arnoldi direction), and ``observe`` turns ``g(p)`` into the next
+  iterate and its image.
 
 The loop (``_loop.py``) owns everything else: the budget, the stopping rule, masks,
 best-so-far, the trace. ``StepOptions`` carries the two things the caller decides:
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 
@@ -65,6 +69,8 @@ class Solver:
 
     max_iter: int = 50
     tol: float = 1e-5
+    affine_only: ClassVar[bool] = False  # solves affine maps only (GMRES): refused as fixed_point's solver
+    evaluates_iterate: ClassVar[bool] = True  # False: g is evaluated at step's point, then `observe`
     atol: float = field(default=0.0, kw_only=True)
     divergence_ratio: float = field(default=1e4, kw_only=True)
     check_every: int = field(default=1, kw_only=True)
@@ -105,3 +111,7 @@ class Solver:
         self, state: tuple, z: torch.Tensor, gz: torch.Tensor, r: torch.Tensor, k: Any, opts: StepOptions
     ) -> tuple:
         raise NotImplementedError
+
+    def observe(self, state: tuple, p: torch.Tensor, gp: torch.Tensor, k: Any, opts: StepOptions) -> tuple:
+        """``(z, gz, state)`` from ``gp = g(p)`` (see the module docstring); the identity here."""
+        return p, gp, state
