@@ -21,7 +21,7 @@ All three run the same body, so ``z_star``, ``nstep`` and ``status`` agree per p
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -45,23 +45,49 @@ def read_host(t: torch.Tensor) -> list:
     return t.tolist()
 
 
-def run_eager(loop: Loop, s: LoopState, *, keep_states: bool = False) -> Run:
+class Compaction(NamedTuple):
+    """Continue a per-problem eager solve on its running problems alone (``Solver.compact_below``).
+
+    Attributes:
+        below: compact once the running problems are at most this fraction of those iterated.
+        map_of: ``rows -> g``: the ``(B', D) -> (B', D)`` map of the problems ``rows`` (a 1-D index).
+    """
+
+    below: float
+    map_of: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def run_eager(loop: Loop, s: LoopState, *, keep_states: bool = False, compaction: Compaction | None = None) -> Run:
     """Python loop; reads the status at ``k = 0, c, 2c, …`` (``c = check_every``) and once at the end
-    of the budget: at most ``ceil(K / c) + 1`` reads for ``K`` iterations."""
+    of the budget: at most ``ceil(K / c) + 1`` reads for ``K`` iterations (one more after a compaction).
+
+    With ``compaction``, at a read that finds the running problems at most ``below`` of those
+    iterated, the loop continues on the running rows alone (``LoopState.take_rows``, the map
+    restricted to them), and the rows are scattered back into the whole state at the end."""
     max_iter, every = loop.solver.max_iter, loop.solver.check_every
     states = []
-    k = 0
-    codes = None
+    whole, rows = s, None  # rows: the problems iterated, an index into the whole batch (None: all)
+    k, codes, stopped = 0, None, False
     while k < max_iter:
         if k % every == 0:
             codes = read_host(s.status)
-            if RUNNING not in codes:
-                return Run(s, codes, states)
+            running = [i for i, c in enumerate(codes) if c == RUNNING]
+            if not running:
+                stopped = True
+                break
+            if compaction is not None and len(running) <= compaction.below * len(codes):
+                local = torch.tensor(running, device=s.z.device)
+                whole = s if rows is None else whole.put_rows(rows, s)
+                rows = local if rows is None else rows[local]
+                s, loop = s.take_rows(local), loop.with_map(compaction.map_of(rows))
         s = loop.body(k, s)
         k += 1
         codes = None
         if keep_states:
             states.append(s.z.detach())
+    if rows is not None:
+        s = whole.put_rows(rows, s)
+        codes = read_host(s.status) if stopped else None
     if codes is None:
         codes = read_host(loop.rule.final(s.status, s.res, s.scale, s.res_start))
     return Run(s, codes, states)

@@ -107,7 +107,7 @@ def fixed_point(
             solver, problem.map(detached=not graph), z0, gz0,
             per_sample=per_sample, what=FORWARD_SOLVE, trace=trace,
             keep_states=return_trajectory > 0, graph=graph, constant_mixing=mode.constant_mixing,
-            policy=Policy(on_nonconvergence),
+            policy=Policy(on_nonconvergence), restrict=lambda rows: problem.map(detached=not graph, rows=rows),
         )
     z_star = mode.output(ForwardCall(problem, solver, per_sample, on_nonconvergence), sol.z, sol.answer)
     info = sol.info

@@ -9,6 +9,7 @@ operations every solver and the loop share.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable
 
@@ -104,6 +105,13 @@ class FlatView:
         else:
             self.batch = 1
             self.sizes = [math.prod(s) for s in self.shapes]
+
+    def rows(self, n: int) -> FlatView:
+        """This view for ``n`` of its problems (``per_sample``: a subset of the batch rows)."""
+        other = copy.copy(self)
+        other.batch = n
+        other.shapes = [(n, *shape[1:]) for shape in self.shapes]
+        return other
 
     def to_flat(self, tree: Any) -> torch.Tensor:
         """Pytree shaped like ``z`` -> ``(B, D)`` tensor in the common dtype."""

@@ -9,6 +9,7 @@ in-place buffer writes that ``StepOptions.inplace`` allows eagerly. The drivers 
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -47,6 +48,22 @@ class LoopState(NamedTuple):
     trace: tuple
     solver: tuple
 
+    def take_rows(self, rows: torch.Tensor) -> LoopState:
+        """The state of the problems ``rows`` only (a 1-D index): every tensor's batch rows (the
+        leading dim; dim 1 of the trace)."""
+        return _zip_rows(lambda dim, t: t.index_select(dim, rows), self)
+
+    def put_rows(self, rows: torch.Tensor, sub: LoopState) -> LoopState:
+        """This state with the problems ``rows`` replaced by ``sub`` (from `take_rows`)."""
+        return _zip_rows(lambda dim, t, u: t.index_copy(dim, rows, u), self, sub)
+
+
+def _zip_rows(fn: Callable[..., torch.Tensor], *states: LoopState) -> LoopState:
+    """``fn(batch dim, *tensors)`` over the corresponding tensors of ``states`` (the trace's batch is dim 1)."""
+    plain = [fn(0, *ts) for ts in zip(*(s[:9] for s in states), strict=True)]
+    group = lambda name, dim: tuple(fn(dim, *ts) for ts in zip(*(getattr(s, name) for s in states), strict=True))  # noqa: E731
+    return LoopState(*plain, group("best", 0), group("trace", 1), group("solver", 0))
+
 
 class Loop:
     """The static set-up of one solve: the solver, the map on ``(B, D)`` matrices, and options.
@@ -72,6 +89,12 @@ class Loop:
         self.host_status = host_status
         self.rule = solver.rule.for_state(dtype)
         self.autocast = False  # set by init: whether the user's autocast is on for z's device
+
+    def with_map(self, g: Callable[[torch.Tensor], torch.Tensor]) -> Loop:
+        """This loop on another map (the same problems' subset: see ``LoopState.take_rows``)."""
+        other = copy.copy(self)
+        other.g = g
+        return other
 
     def init(self, z: torch.Tensor, gz: torch.Tensor) -> LoopState:
         r = gz - z

@@ -31,6 +31,7 @@ class Problem:
         self.x_leaves, self.x_spec = flatten(x)
         z_leaves, self.z_spec = flatten(z0)
         self.z_dtypes = [t.dtype for t in z_leaves]
+        self.batch = z_leaves[0].shape[0] if z_leaves and z_leaves[0].dim() else None  # per_sample: the problems
 
     @property
     def n_state_leaves(self) -> int:
@@ -66,10 +67,15 @@ class Problem:
             return self.param_leaves, self.x_leaves
         return [_detach(t) for t in self.param_leaves], [_detach(t) for t in self.x_leaves]
 
-    def map(self, detached: bool) -> Callable[[Any], Any]:
+    def map(self, detached: bool, rows: torch.Tensor | None = None) -> Callable[[Any], Any]:
         """``z ↦ f(params, z, x)`` (``detached``: params and x detached, see `leaves`); the params
-        and x pytrees are built once here, not at every iteration."""
+        and x pytrees are built once here, not at every iteration.
+
+        ``rows``: the map of those problems of a per-sample batch only (``z`` holds their rows):
+        the leaves of x whose leading dim is the batch are gathered, params are shared."""
         p, x = self.leaves(detached)
+        if rows is not None:
+            x = [t.index_select(0, rows) if t.dim() and t.shape[0] == self.batch else t for t in x]
         params, inputs = unflatten(self.param_spec, p), unflatten(self.x_spec, x)
         return lambda z: self._cast(self.f(params, z, inputs))
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ._drivers import run_budget, run_eager, run_eager_single, run_while_loop
+from ._drivers import Compaction, run_budget, run_eager, run_eager_single, run_while_loop
 from ._flat import FlatView
 from ._info import FixedPointWarning, Info
 from ._loop import Loop
@@ -51,6 +51,7 @@ def iterate(
     policy: Policy = IGNORE,
     graph: bool = False,
     constant_mixing: bool = False,
+    restrict: Callable[[torch.Tensor], Callable[[Any], Any]] | None = None,
 ) -> Solution:
     """Run ``solver`` on ``z = g(z)`` from ``z0`` (``gz0 = g(z0)`` already evaluated).
 
@@ -63,6 +64,9 @@ def iterate(
         graph: an autograd graph is built through the iterations (``Unrolled``): buffers
             are written out of place and, under compile, the masked budget runs.
         constant_mixing: see ``StepOptions``.
+        restrict: ``rows -> g`` of those problems only (``rows`` a 1-D index into the batch):
+            lets an eager per-sample solve continue on its running problems once they are at
+            most ``solver.compact_below`` of the batch (``fixed_point``'s forward solve).
 
     Raises:
         FixedPointError: eagerly, when a problem ends NONFINITE, or MAX_ITER / DIVERGED under
@@ -80,7 +84,7 @@ def iterate(
     single = eager and z.shape[0] == 1 and solver.check_every == 1  # read after every iteration
     loop = Loop(
         solver,
-        lambda flat: view.to_flat(g(view.from_flat(flat))),
+        _flat_map(view, g),
         opts=StepOptions(inplace=eager and not graph, constant_mixing=constant_mixing),
         trace=trace,
         dtype=z.dtype,
@@ -90,7 +94,10 @@ def iterate(
     if single:
         run = run_eager_single(loop, start, keep_states=keep_states)
     elif eager:
-        run = run_eager(loop, start, keep_states=keep_states)
+        compaction = None
+        if per_sample and restrict is not None and solver.compact_below > 0 and not graph and not keep_states:
+            compaction = Compaction(solver.compact_below, lambda rows: _flat_map(view.rows(len(rows)), restrict(rows)))
+        run = run_eager(loop, start, keep_states=keep_states, compaction=compaction)
     elif where is Regime.COMPILED and not graph and not keep_states:
         run = run_while_loop(loop, start)
     else:
@@ -99,6 +106,11 @@ def iterate(
     report(policy, run.host_status, info, solver, what)
     states = [view.from_flat(s) for s in run.states]
     return Solution(view.from_flat(z), view.from_flat(gz), info, states)
+
+
+def _flat_map(view: FlatView, g: Callable[[Any], Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``g`` on the ``(B, D)`` form of ``view``."""
+    return lambda flat: view.to_flat(g(view.from_flat(flat)))
 
 
 def solve_map(solver: Solver, g: Callable[[Any], Any], z0: Any, *, per_sample: bool, trace: bool) -> tuple[Any, Info]:

@@ -2,7 +2,8 @@
 
 A solver is a frozen set of hyperparameters with pure maths on ``(B, D)`` matrices:
 
-* ``init(z, gz) -> state``: a tuple of fixed-shape tensors (history buffers, counts);
+* ``init(z, gz) -> state``: a tuple of fixed-shape tensors (history buffers, counts), each
+  with the problems as its leading dim (so a subset of problems is a subset of rows);
 * ``step(state, z, gz, r, k, opts) -> (z_next, state)``: one update from the current
   iterate ``z``, its image ``gz = g(z)``, the residual ``r = gz − z`` (the loop computes
   it once for its norms) and the iteration index ``k`` (a Python int eagerly, a 0-dim
@@ -65,6 +66,14 @@ class Solver:
             microsecond; on a GPU, 4 to 16 cut the syncs.
         return_best: (keyword) return the iterate with the lowest residual seen
             (per problem) instead of the last; ``info.best_step`` says which iteration.
+        compact_below: (keyword) eagerly, for the forward solve of ``fixed_point`` with
+            ``per_sample=True``: once the running problems are at most this fraction of the
+            problems being iterated, continue on the running ones alone (their rows of the
+            state, of the solver's history and of x gathered; results scattered back at the
+            end), so the tail of a batch costs what its running problems cost. Results equal
+            the masked loop's up to the rounding of f on a smaller batch. It assumes f treats
+            rows independently (what ``per_sample=True`` means), that the leaves of x whose
+            leading dim is the batch are per-sample and that params are shared. Default 0: off.
     """
 
     max_iter: int = 50
@@ -75,6 +84,7 @@ class Solver:
     divergence_ratio: float = field(default=1e4, kw_only=True)
     check_every: int = field(default=1, kw_only=True)
     return_best: bool = field(default=False, kw_only=True)
+    compact_below: float = field(default=0.0, kw_only=True)
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -84,6 +94,7 @@ class Solver:
         check_real(owner, "divergence_ratio", self.divergence_ratio, 1.0, math.inf, open_low=True)
         check_int(owner, "check_every", self.check_every, 1)
         check_bool(owner, "return_best", self.return_best)
+        check_real(owner, "compact_below", self.compact_below, 0.0, 1.0)
 
     @property
     def rule(self) -> Rule:
