@@ -10,8 +10,8 @@ K = 30 and 100, float32, the weights of ``workloads.make_mlp`` converted to nump
 
 Before timing, one step of each arm from the same weights: the forward ``nstep`` and status
 must agree across the three arms, IFT's adjoint ``nstep`` between JAX and our eager step (read
-by wrapping the library's ``_solve.iterate`` during that step), and every parameter gradient
-must agree (max over leaves of ``‖a − b‖∞ / ‖b‖∞``, JAX and compiled vs eager).
+by ``measure.record_solves``, which wraps the library's ``_solve.iterate`` during that step), and
+every parameter gradient must agree (max over leaves of ``‖a − b‖∞ / ‖b‖∞``, JAX and compiled vs eager).
 
 Threads: torch runs with ``torch.set_num_threads(1)`` (bench/conftest.py), XLA with one
 compute thread (``jax_mlp.load_jax``: ``XLA_FLAGS`` and ``NPROC=1`` before jax's CPU client
@@ -32,7 +32,6 @@ ours ÷ JAX. Without jax installed the benchmark is skipped (``pip install jax``
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 
@@ -65,40 +64,6 @@ def jax():
 
 
 # ------------------------------------------------------------------- helpers ----
-
-
-class record_solves:
-    """Within the block, every ``deq_functional`` solve's ``(what, info summary)`` is appended to
-    ``self.solves`` (wraps ``deq_functional._solve.iterate`` where the library's modules
-    imported it; restored on exit). Eager use only."""
-
-    def __init__(self):
-        self.solves: list = []
-        self._patched: list = []
-
-    def __enter__(self):
-        from deq_functional import _solve
-
-        original = _solve.iterate
-
-        def iterate(*args, **kwargs):
-            sol = original(*args, **kwargs)
-            self.solves.append((kwargs.get("what", ""), wl.info_summary(sol.info)))
-            return sol
-
-        for name, module in list(sys.modules.items()):
-            if name.startswith("deq_functional") and getattr(module, "iterate", None) is original:
-                self._patched.append((module, original))
-                module.iterate = iterate
-        return self
-
-    def __exit__(self, *exc):
-        for module, original in self._patched:
-            module.iterate = original
-
-    def adjoint(self) -> dict | None:
-        found = [info for what, info in self.solves if "adjoint" in what]
-        return found[-1] if found else None
 
 
 def _thread_cpu() -> dict:
@@ -228,7 +193,7 @@ def bench_vs_jax(benchmark, make_workload, timer, jax, mode, max_iter):
 
     params_e, params_c = w.clone_params(), w.clone_params()
     eager = wl.TrainStep(loss_fn, params_e)
-    with record_solves() as rec:
+    with measure.record_solves() as rec:
         eager()
     torch._dynamo.reset()
     compiled = wl.TrainStep(torch.compile(loss_fn, fullgraph=True), params_c)

@@ -462,12 +462,55 @@ def section_vs_jax(data, rows):
     return out, []
 
 
+def section_adjoint(data, rows):
+    rs = by_kind(rows, "adjoint")
+    if not rs:
+        return [], []
+    r0 = rs[0]
+    out = [
+        "## 8. IFT's adjoint solver: Picard vs Anderson vs GMRES, one process",
+        "",
+        f"One training step (`TrainStep`, lr=0) with `grad_mode=dq.IFT(solver=S)`; forward "
+        f"`{r0['forward_solver']}` in every arm, S = " + ", ".join(f"`{v}`" for v in r0["adjoint_solvers"].values())
+        + " (Anderson is the forward solver: what `IFT()` without a solver uses); float32, the batch one problem. "
+        "Adjoint nstep / status / relative residual from one step before timing (`measure.record_solves`). "
+        "**Backward ms**: the forward run untimed, then `loss.backward()` alone (the adjoint solve, readout's and "
+        "embedding's backward, one vjp to the weights); **step ms**: the whole step. Every arm of a workload in "
+        "one `measure.Rotating` (each round times all six, starting one later each round; wall clock); "
+        "÷ Anderson: per round, min / median. Gradient difference: max over parameters of ‖a − b‖∞ / ‖b‖∞ "
+        "between this arm's gradient and each other arm's (the largest shown), from the same weights; required "
+        f"≤ {r0.get('grad_rtol', 1e-4):g} between arms whose adjoint converged.",
+        "",
+        command(data, "bench_adjoint"),
+        "",
+        "| workload | adjoint solver | forward nstep | adjoint nstep | adjoint status | adjoint rel residual | "
+        "backward ms | backward ÷ Anderson | step ms | step ÷ Anderson | max grad diff vs the others | "
+        "1-min load before – after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {"picard": 0, "anderson": 1, "gmres": 2}
+    for r in sorted(rs, key=lambda r: r["workload"] != "mlp"):
+        diffs = r["check"]["grad_diff"]
+        load_1 = " – ".join(f"{pair[0]:.1f}" for pair in r.get("load_average") or [] if pair)
+        for name in sorted(r["arms"], key=lambda n: order.get(n, 9)):
+            a = r["arms"][name]
+            mine = [d["max_rel_inf"] for pair, d in diffs.items() if name in pair.split("_vs_")]
+            out.append(
+                f"| {r['workload']} | {name} | {nstep(a['forward'])} | {nstep(a['adjoint'])} | "
+                f"{status_of(a['adjoint'])} | {resid(a['adjoint'])} | {mmed(a['backward_s'], 1e3, '{:.1f}')} | "
+                f"{mmed(a['backward_ratio_over_anderson'])} | {mmed(a['step_s'], 1e3, '{:.1f}')} | "
+                f"{mmed(a['step_ratio_over_anderson'])} | {max(mine):.1e} | {load_1} |"
+            )
+    out.append("")
+    return out, []
+
+
 def main(bench_json, out_md):
     data, rows = load(bench_json)
     lines = header(data)
     sections, checks = [], []
     for fn in (section_solver, section_train, section_compile, section_torchdeq, section_denormals,
-               section_allocator, section_vs_jax):
+               section_allocator, section_vs_jax, section_adjoint):
         s, c = fn(data, rows)
         sections += s
         checks += c

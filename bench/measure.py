@@ -20,11 +20,14 @@ exactly what each number means:
   writing ``5`` to ``/proc/self/clear_refs`` before the call; the reported
   number is the peak minus the RSS just before the call. CUDA:
   ``torch.cuda.max_memory_allocated`` minus the allocation before the call.
+- ``record_solves``: the ``Info`` summary of every solve the library runs inside a block,
+  IFT's adjoint (backward) solve included, which has no ``Info`` of its own to return.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable
 
 import torch
@@ -32,8 +35,10 @@ import torch
 import deq_functional as dq
 from deq_functional.benchmarking import DeviceTimer as Timer
 from deq_functional.benchmarking import summarize as stats
+from deq_functional.benchmarking import summarize_info
 
-__all__ = ["Timer", "stats", "saved_bytes", "PeakMemory", "load_average", "Alternating", "Rotating"]
+__all__ = ["Timer", "stats", "saved_bytes", "PeakMemory", "load_average", "Alternating", "Rotating",
+           "record_solves"]
 
 
 def saved_bytes(fn: Callable[[], object], exclude=()):
@@ -144,7 +149,10 @@ class Alternating:
 
 class Rotating:
     """Like ``Alternating`` for N arms: each round times every arm once, starting one
-    arm later than the round before, so no arm always runs first or last."""
+    arm later than the round before, so no arm always runs first or last.
+
+    An arm is a callable (timed whole) or a pair ``(setup, fn)``: ``setup()`` runs untimed
+    just before, and only ``fn(setup())`` is timed (e.g. a forward, then its backward)."""
 
     def __init__(self, timer: Timer, arms: dict):
         self.timer, self.arms = timer, arms
@@ -155,11 +163,53 @@ class Rotating:
         names = list(self.arms)
         s = self.n % len(names)
         for name in names[s:] + names[:s]:
-            self.samples[name].append(self.timer(self.arms[name]))
+            arm = self.arms[name]
+            if isinstance(arm, tuple):
+                setup, fn = arm
+                self.samples[name].append(self.timer(fn, setup()))
+            else:
+                self.samples[name].append(self.timer(arm))
         self.n += 1
 
     def ratio(self, a: str, b: str) -> dict:
         return stats([x / y for x, y in zip(self.samples[a], self.samples[b], strict=True)])
+
+
+class record_solves:
+    """Within the block, every ``deq_functional`` solve's ``(what, info summary)`` is appended to
+    ``self.solves``: wraps ``deq_functional._solve.iterate`` where the library's modules imported
+    it (restored on exit). ``what`` names the solve ("fixed_point: the IFT adjoint (backward)
+    solve", ...); the summary is ``deq_functional.benchmarking.summarize_info`` (nstep, residual,
+    rel_residual, status). Eager use only."""
+
+    def __init__(self):
+        self.solves: list = []
+        self._patched: list = []
+
+    def __enter__(self):
+        from deq_functional import _solve
+
+        original = _solve.iterate
+
+        def iterate(*args, **kwargs):
+            sol = original(*args, **kwargs)
+            self.solves.append((kwargs.get("what", ""), summarize_info(sol.info)))
+            return sol
+
+        for name, module in list(sys.modules.items()):
+            if name.startswith("deq_functional") and getattr(module, "iterate", None) is original:
+                self._patched.append((module, original))
+                module.iterate = iterate
+        return self
+
+    def __exit__(self, *exc):
+        for module, original in self._patched:
+            module.iterate = original
+
+    def adjoint(self) -> dict | None:
+        """The summary of the last IFT adjoint (backward) solve in the block, ``None`` if none ran."""
+        found = [info for what, info in self.solves if "adjoint" in what]
+        return found[-1] if found else None
 
 
 MODEL_OPS = ("aten.mm.default", "aten.addmm.default", "aten.convolution.default",
