@@ -21,23 +21,25 @@ All three run the same body, so ``z_star``, ``nstep`` and ``status`` agree per p
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from ._info import Status
 from ._loop import Loop, LoopState
 from ._stopping import RUNNING
+from ._transforms import scan
 from ._tree import flatten, unflatten
 
 
 class Run(NamedTuple):
     """A finished loop: its last state, the status codes if they were read on the host
-    (eager; ``None`` otherwise), and the detached iterates when they were kept."""
+    (eager; ``None`` otherwise), and the detached iterates when they were kept (a list of
+    ``(B, D)`` tensors, or one stacked ``(K, B, D)`` tensor)."""
 
     state: LoopState
     host_status: list | None
-    states: list
+    states: Any
 
 
 def read_host(t: torch.Tensor) -> list:
@@ -128,6 +130,24 @@ def run_budget(loop: Loop, s: LoopState, *, keep_states: bool = False) -> Run:
         if keep_states:
             states.append(s.z.detach())
     return Run(s, None, states)
+
+
+def run_scan(loop: Loop, s: LoopState) -> Run:
+    """The masked budget as one ``scan`` over ``k = 0 .. max_iter − 1`` that keeps every iterate,
+    for a no-graph solve under ``torch.compile`` that needs them (``return_trajectory``): Dynamo
+    traces one iteration whatever ``max_iter`` is. Where scan does not serve, the masked budget
+    stays a Python loop (`run_budget`, compile time growing with ``max_iter``): a graph through
+    the iterations (``Unrolled``: scan's autograd fails to trace ours, torch 2.14.1 "outs_to_grad
+    length != tangents length") and ``vmap`` (scan refuses carries that become batched)."""
+    leaves, spec = flatten(s)
+
+    def body(carry, k):
+        new = loop.body(k, unflatten(spec, list(carry)))
+        return _unaliased(flatten(new)[0], carry), new.z.clone()
+
+    steps = torch.arange(loop.solver.max_iter, device=s.z.device)
+    out, states = scan(body, [t.clone() for t in leaves], steps)
+    return Run(unflatten(spec, list(out)), None, states)
 
 
 def run_while_loop(loop: Loop, s: LoopState) -> Run:

@@ -118,7 +118,7 @@ def fixed_point(
 
 def _trajectory(problem: Problem, sol: Solution, k: int) -> tuple:
     """``k`` states evenly spaced over iterations 1..K (last = K), each ``f(params, z_i.detach(), x)``."""
-    states = sol.states or [tree_map(torch.Tensor.detach, sol.z)]
+    states = sol.states if len(sol.states) else [tree_map(torch.Tensor.detach, sol.z)]
     n = len(states)
     picks = sorted({round(n - 1 - i * (n - 1) / max(k - 1, 1)) for i in range(min(k, n))})
     step = problem.map(detached=False)

@@ -62,7 +62,7 @@ def _zip_rows(fn: Callable[..., torch.Tensor], *states: LoopState) -> LoopState:
     """``fn(batch dim, *tensors)`` over the corresponding tensors of ``states`` (the trace's batch is dim 1)."""
     plain = [fn(0, *ts) for ts in zip(*(s[:9] for s in states), strict=True)]
     group = lambda name, dim: tuple(fn(dim, *ts) for ts in zip(*(getattr(s, name) for s in states), strict=True))  # noqa: E731
-    return LoopState(*plain, group("best", 0), group("trace", 1), group("solver", 0))
+    return LoopState._make([*plain, group("best", 0), group("trace", 1), group("solver", 0)])
 
 
 class Loop:

@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ._drivers import Compaction, run_budget, run_eager, run_eager_single, run_while_loop
+from ._drivers import Compaction, run_budget, run_eager, run_eager_single, run_scan, run_while_loop
 from ._flat import FlatView
 from ._info import FixedPointWarning, Info
 from ._loop import Loop
@@ -19,6 +19,20 @@ from ._report import IGNORE, Policy, report
 from ._transforms import Regime, regime
 from ._tree import describe, flatten, same_layout
 from .solvers._base import Solver, StepOptions
+
+
+class States:
+    """The kept iterates of a solve: ``(B, D)`` rows (a list, or a stacked ``(K, B, D)`` tensor from
+    `run_scan`), turned into pytrees shaped like ``z0`` when indexed."""
+
+    def __init__(self, view: FlatView, rows: Any):
+        self.view, self.rows = view, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.view.from_flat(self.rows[i])
 
 
 class Solution(NamedTuple):
@@ -29,13 +43,15 @@ class Solution(NamedTuple):
         answer: ``g(z_K)``, one more application of ``g``: what a solve returns (the
             counting contract), and the differentiable path for ``Unrolled``.
         info: the report.
-        states: the detached iterates ``z_1 .. z_K`` when ``keep_states``, else empty.
+        states: the detached iterates ``z_1 .. z_K`` when ``keep_states``, else empty: a
+            sequence whose items are made pytrees when read (under compile only the ones read
+            enter the graph).
     """
 
     z: Any
     answer: Any
     info: Info
-    states: list
+    states: States
 
 
 def iterate(
@@ -98,14 +114,13 @@ def iterate(
         if per_sample and restrict is not None and solver.compact_below > 0 and not graph and not keep_states:
             compaction = Compaction(solver.compact_below, lambda rows: _flat_map(view.rows(len(rows)), restrict(rows)))
         run = run_eager(loop, start, keep_states=keep_states, compaction=compaction)
-    elif where is Regime.COMPILED and not graph and not keep_states:
-        run = run_while_loop(loop, start)
+    elif where is Regime.COMPILED and not graph:
+        run = run_scan(loop, start) if keep_states else run_while_loop(loop, start)
     else:
         run = run_budget(loop, start, keep_states=keep_states)
     z, gz, info = loop.finish(run.state, per_sample)
     report(policy, run.host_status, info, solver, what)
-    states = [view.from_flat(s) for s in run.states]
-    return Solution(view.from_flat(z), view.from_flat(gz), info, states)
+    return Solution(view.from_flat(z), view.from_flat(gz), info, States(view, run.states))
 
 
 def _flat_map(view: FlatView, g: Callable[[Any], Any]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -8,6 +8,8 @@ host only eagerly. This is the one module that touches private torch API:
   (``torch._functorch.pyfunctorch``), because a vmapped solve must treat each mapped
   row as its own problem and must not read values (where that API is missing, a probing
   read answers the same question more slowly);
+* `scan` is ``torch._higher_order_ops.scan`` (a loop Dynamo traces once, with autograd and
+  vmap rules; not public in torch 2.13 / 2.14.1);
 * `outer_visible` runs a custom ``jvp`` rule one functorch level down, so that an outer
   ``jvp`` / ``jacfwd`` differentiates it (torch runs custom jvp rules with forward grad
   off, which made every second forward-mode derivative silently zero).
@@ -21,6 +23,13 @@ from typing import Any, Callable
 import torch
 
 from ._tree import tree_map
+
+
+def scan(body: Callable[[Any, Any], tuple[Any, Any]], init: Any, xs: Any) -> tuple[Any, Any]:
+    """``torch._higher_order_ops.scan``: ``carry, y = body(carry, x)`` over the leading dim of ``xs``."""
+    from torch._higher_order_ops.scan import scan as torch_scan
+
+    return torch_scan(body, init, xs)
 
 
 class Regime(enum.Enum):

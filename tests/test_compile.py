@@ -114,6 +114,29 @@ def test_the_graph_does_not_grow_with_max_iter(mode):
     assert sizes[5] == sizes[500] and len(sizes[5]) == 1
 
 
+def test_return_trajectory_compiles_one_iteration_and_equals_eager():
+    """The trajectory needs every iterate: a scan over the budget, whose graph does not grow with
+    it either; with tol=0 both run exactly max_iter iterations and keep the same states."""
+    W, x, y = _data()
+    sizes = {}
+    for max_iter in (4, 40):
+
+        def loss(W, x, y, max_iter=max_iter):
+            z, info = dq.fixed_point(f, {"W": W}, x, solver=dq.Anderson(max_iter=max_iter, tol=0.0), grad_mode="jfb",
+                                     return_trajectory=3)
+            return ((z - y) ** 2).sum() + sum(t.square().sum() for t in info.trajectory), info
+
+        torch._dynamo.reset()
+        backend = GraphSize()
+        (lc, gc, ic), (le, ge, ie) = _run(torch.compile(loss, fullgraph=True, backend=backend), W, x, y), _run(loss, W, x, y)
+        torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
+        for a, b in zip(ic.trajectory, ie.trajectory, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        sizes[max_iter] = backend.nodes
+    assert sizes[4] == sizes[40] and len(sizes[4]) == 1
+
+
 def test_a_huge_budget_still_exits_early():
     W, x, _ = _data()
     solver = dq.Anderson(max_iter=100_000, tol=1e-5)
