@@ -152,23 +152,37 @@ def run_scan(loop: Loop, s: LoopState) -> Run:
 
 def run_while_loop(loop: Loop, s: LoopState) -> Run:
     """``torch.while_loop`` over ``(k, *state)``: Dynamo traces one iteration whatever ``max_iter``
-    is, and the loop ends once no problem is running. ``k`` is a 0-dim int64 tensor."""
-    leaves, spec = flatten(s)
+    is, and the loop ends once no problem is running. ``k`` is a 0-dim int64 tensor.
+
+    When the loop writes solver history in place (``loop.opts.inplace``: no grad), the history
+    buffers (``Solver.history``) are not carried: the body closes over them and writes one slot
+    per iteration, so an iteration no longer copies them (carries are functional). They are
+    created in this graph and never read after the loop (inductor, torch 2.13 / 2.14.1, can
+    return stale values for a captured buffer read after the loop in the same graph)."""
+    history = set(loop.solver.history) if loop.opts.inplace else set()
+    buffers = tuple(t for i, t in enumerate(s.solver) if i in history)
+    carried = s._replace(solver=tuple(t for i, t in enumerate(s.solver) if i not in history))
+    leaves, spec = flatten(carried)
     max_iter = loop.solver.max_iter
+
+    def with_history(state: LoopState) -> LoopState:
+        it, kept = iter(buffers), iter(state.solver)
+        return state._replace(solver=tuple(next(it) if i in history else next(kept) for i in range(len(s.solver))))
 
     def cond(k, *leaves):
         status = unflatten(spec, leaves).status
         return (k < max_iter) & (status == RUNNING).any()
 
     def body(k, *leaves):
-        new = flatten(loop.body(k, unflatten(spec, leaves)))[0]
-        return (k + 1, *_unaliased(new, leaves))
+        new = loop.body(k, with_history(unflatten(spec, leaves)))
+        new = new._replace(solver=tuple(t for i, t in enumerate(new.solver) if i not in history))
+        return (k + 1, *_unaliased(flatten(new)[0], leaves))
 
     k0 = torch.zeros((), dtype=torch.int64, device=s.z.device)
     # Fresh copies: an initial carry may also be a tensor the body closes over (IFT's
     # cotangent is g(u_0) and a term of g), and while_loop refuses aliased operands.
     out = torch.while_loop(cond, body, (k0, *[t.clone() for t in leaves]))
-    return Run(unflatten(spec, list(out[1:])), None, [])
+    return Run(with_history(unflatten(spec, list(out[1:]))), None, [])
 
 
 def _unaliased(tensors: list, inputs) -> list:

@@ -52,15 +52,18 @@ def project(stack: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def write_slot(buffer: torch.Tensor, dim: int, index: Any, item: torch.Tensor, inplace: bool) -> torch.Tensor:
     """``buffer`` with ``buffer.select(dim, index) = item``; ``index`` an int or a 0-dim tensor.
 
-    In place when ``inplace`` (eager, no autograd graph: no copy). Otherwise out of place
-    with ``index_copy`` (copies the buffer): what ``torch.while_loop`` bodies, ``vmap`` with
+    In place when ``inplace`` (no copy): eagerly without a graph, and inside a no-grad
+    ``torch.while_loop`` body on a buffer the body closes over (``index_copy_``: the one in-place
+    form torch 2.13 and 2.14.1 trace there with a tensor index). Otherwise out of place with
+    ``index_copy`` (copies the buffer): what ``torch.while_loop`` carries, ``vmap`` with
     unbatched buffers and backprop through the iterations need.
     """
-    if inplace:
+    if inplace and isinstance(index, int):
         buffer.select(dim, index).copy_(item)
         return buffer
     index = torch.as_tensor(index, device=buffer.device).reshape(1)
-    return buffer.index_copy(dim, index, item.unsqueeze(dim).to(buffer.dtype))
+    item = item.unsqueeze(dim).to(buffer.dtype)
+    return buffer.index_copy_(dim, index, item) if inplace else buffer.index_copy(dim, index, item)
 
 
 def common_batch(leaves: list, owner: str, what: str) -> int:

@@ -71,7 +71,8 @@ class Loop:
     Args:
         solver: the solver (its options give the budget and the stopping rule).
         g: ``(B, D) -> (B, D)``, the map whose fixed point is sought.
-        opts: in-place writes / constant mixing, passed to the solver's step.
+        opts: in-place history writes / constant mixing, passed to the solver's step.
+        inplace: the loop's own buffers (the trace) may be written in place (eager, no graph).
         dtype: the iterates' dtype (the stopping rule depends on it: `Rule.for_state`).
         trace: keep the residual of every iteration.
         host_status: the driver classifies on the host (eager, one problem, a read after every
@@ -83,9 +84,9 @@ class Loop:
 
     def __init__(
         self, solver: Solver, g: Callable[[torch.Tensor], torch.Tensor], *,
-        opts: StepOptions, trace: bool, dtype: torch.dtype, host_status: bool = False,
+        opts: StepOptions, inplace: bool, trace: bool, dtype: torch.dtype, host_status: bool = False,
     ):
-        self.solver, self.g, self.opts, self.trace = solver, g, opts, trace
+        self.solver, self.g, self.opts, self.inplace, self.trace = solver, g, opts, inplace, trace
         self.host_status = host_status
         self.rule = solver.rule.for_state(dtype)
         self.autocast = False  # set by init: whether the user's autocast is on for z's device
@@ -105,7 +106,7 @@ class Loop:
         trace = ()
         if self.trace:
             rows = torch.full((self.solver.max_iter + 1, *res.shape), torch.nan, dtype=res.dtype, device=res.device)
-            trace = (write_slot(rows, 0, 0, res, self.opts.inplace),)
+            trace = (write_slot(rows, 0, 0, res, self.inplace),)
         self.autocast = torch.is_autocast_enabled(z.device.type)
         with self._no_autocast(z):
             solver_state = self.solver.init(z, gz)
@@ -149,7 +150,7 @@ class Loop:
         trace = s.trace
         if trace:
             row = res if running is None else torch.where(running, res, torch.nan)
-            trace = (write_slot(trace[0], 0, k + 1, row, self.opts.inplace),)
+            trace = (write_slot(trace[0], 0, k + 1, row, self.inplace),)
         return LoopState(z, gz, r, res, scale, res_min, s.res_start, status, nstep, best, trace, solver_state)
 
     def finish(self, s: LoopState, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor, Info]:

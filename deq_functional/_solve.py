@@ -68,6 +68,7 @@ def iterate(
     graph: bool = False,
     constant_mixing: bool = False,
     restrict: Callable[[torch.Tensor], Callable[[Any], Any]] | None = None,
+    history_outside_loop: bool = True,
 ) -> Solution:
     """Run ``solver`` on ``z = g(z)`` from ``z0`` (``gz0 = g(z0)`` already evaluated).
 
@@ -80,6 +81,8 @@ def iterate(
         graph: an autograd graph is built through the iterations (``Unrolled``): buffers
             are written out of place and, under compile, the masked budget runs.
         constant_mixing: see ``StepOptions``.
+        history_outside_loop: under compile, the solver's history may live outside the
+            ``torch.while_loop`` carries, written in place (no grad; see `run_while_loop`).
         restrict: ``rows -> g`` of those problems only (``rows`` a 1-D index into the batch):
             lets an eager per-sample solve continue on its running problems once they are at
             most ``solver.compact_below`` of the batch (``fixed_point``'s forward solve).
@@ -98,10 +101,16 @@ def iterate(
     if where is not Regime.COMPILED:
         _warn_if_tol_unreachable(solver, z, what)
     single = eager and z.shape[0] == 1 and solver.check_every == 1  # read after every iteration
+    looped = where is Regime.COMPILED and not graph and not keep_states  # torch.while_loop
+    # Solver history in place: eagerly without a graph, and in a no-grad torch.while_loop body,
+    # where it lives outside the carries (torch refuses a body that mutates what it closes over
+    # while grad mode is on: "Higher order ops do not support input mutation").
+    in_place_history = (eager and not graph) or (looped and history_outside_loop and not torch.is_grad_enabled())
     loop = Loop(
         solver,
         _flat_map(view, g),
-        opts=StepOptions(inplace=eager and not graph, constant_mixing=constant_mixing),
+        opts=StepOptions(inplace=in_place_history, constant_mixing=constant_mixing),
+        inplace=eager and not graph,
         trace=trace,
         dtype=z.dtype,
         host_status=single,
@@ -114,8 +123,10 @@ def iterate(
         if per_sample and restrict is not None and solver.compact_below > 0 and not graph and not keep_states:
             compaction = Compaction(solver.compact_below, lambda rows: _flat_map(view.rows(len(rows)), restrict(rows)))
         run = run_eager(loop, start, keep_states=keep_states, compaction=compaction)
+    elif looped:
+        run = run_while_loop(loop, start)
     elif where is Regime.COMPILED and not graph:
-        run = run_scan(loop, start) if keep_states else run_while_loop(loop, start)
+        run = run_scan(loop, start)
     else:
         run = run_budget(loop, start, keep_states=keep_states)
     z, gz, info = loop.finish(run.state, per_sample)

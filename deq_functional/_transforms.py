@@ -38,6 +38,12 @@ class Regime(enum.Enum):
     MAPPED = "mapped"  # inside vmap: fixed masked budget, nothing read
 
 
+# torch 2.13 fails to trace (functorch "layer.key() == TransformType::Functionalize INTERNAL
+# ASSERT") a torch.while_loop body that both writes a buffer it closes over and runs a torch.func
+# transform (IFT's re-linearised vjp); 2.14.1 traces it.
+LOOP_MUTATION_WITH_FUNC = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+
+
 def is_compiling() -> bool:
     """True while Dynamo traces the caller (public API)."""
     return torch.compiler.is_compiling()

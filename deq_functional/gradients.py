@@ -35,7 +35,7 @@ from ._linearize import Linearization, detached, jvp_params, jvp_z
 from ._problem import Problem
 from ._report import Policy
 from ._solve import Solution, iterate
-from ._transforms import inside_vmap, is_compiling
+from ._transforms import LOOP_MUTATION_WITH_FUNC, inside_vmap, is_compiling
 from ._tree import flatten, tree_map
 from .solvers import Solver, as_solver
 
@@ -146,7 +146,7 @@ def _derivative_solve(spec: Spec, product: Any, rhs: Any, kind: str) -> Solution
         zeros = tree_map(torch.zeros_like, rhs)
         return iterate(
             setup.solver, lambda v: _add(product(v), rhs), zeros, rhs,
-            per_sample=setup.per_sample, what=what, policy=setup.policy,
+            per_sample=setup.per_sample, what=what, policy=setup.policy, history_outside_loop=LOOP_MUTATION_WITH_FUNC,
         )
 
 

@@ -3,7 +3,10 @@
 A solver is a frozen set of hyperparameters with pure maths on ``(B, D)`` matrices:
 
 * ``init(z, gz) -> state``: a tuple of fixed-shape tensors (history buffers, counts), each
-  with the problems as its leading dim (so a subset of problems is a subset of rows);
+  with the problems as its leading dim (so a subset of problems is a subset of rows). The
+  entries listed in ``history`` are ring buffers that ``step`` changes only by `write_slot`
+  with ``opts.inplace`` (one slot per call) and returns as the same objects when in place:
+  under compile they stay outside ``torch.while_loop``'s carries, written in place;
 * ``step(state, z, gz, r, k, opts) -> (z_next, state)``: one update from the current
   iterate ``z``, its image ``gz = g(z)``, the residual ``r = gz − z`` (the loop computes
   it once for its norms) and the iteration index ``k`` (a Python int eagerly, a 0-dim
@@ -35,7 +38,9 @@ class StepOptions(NamedTuple):
     """How a step may treat its state (decided by the driver and the gradient mode).
 
     Attributes:
-        inplace: write history buffers in place (eager solves that build no graph).
+        inplace: write history buffers (the state entries named by ``Solver.history``) in
+            place: eager solves that build no graph, and no-grad ``torch.while_loop`` bodies,
+            where those buffers live outside the loop's carries.
         constant_mixing: treat the solver's data-dependent coefficients (Anderson's α,
             Broyden's inverse-Jacobian pairs) as constants when a graph is built through
             the iterations (``Unrolled``): their derivative multiplies the residual, which
@@ -79,6 +84,7 @@ class Solver:
     max_iter: int = 50
     tol: float = 1e-5
     affine_only: ClassVar[bool] = False  # solves affine maps only (GMRES): refused as fixed_point's solver
+    history: ClassVar[tuple[int, ...]] = ()  # state entries written one slot per step (in place if allowed)
     evaluates_iterate: ClassVar[bool] = True  # False: g is evaluated at step's point, then `observe`
     atol: float = field(default=0.0, kw_only=True)
     divergence_ratio: float = field(default=1e4, kw_only=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -78,6 +78,7 @@ class Anderson(Solver):
     m: int = 5
     beta: float = 1.0
     lam: float = 1e-4
+    history: ClassVar[tuple[int, ...]] = (0, 1, 2)  # images, residuals, Gram matrix
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -67,6 +67,7 @@ class Broyden(Solver):
     """
 
     memory: int = 10
+    history: ClassVar[tuple[int, ...]] = (0, 1)  # the pair stacks us, vs
 
     def __post_init__(self) -> None:
         super().__post_init__()
