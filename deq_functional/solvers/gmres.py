@@ -171,24 +171,30 @@ class GMRES(Solver):
         w = v_j - (gp - g_origin) / shift  # (I − A) v_j
         slots = first_slots(j + 1, self.restart + 1, basis.device)
         used = used_slots(basis, slots)
-        h = torch.zeros_like(hessenberg[:, :, 0])  # (B, m+1): the new column of H
+        coef = None  # the projections of w on v_0..v_j, summed over both passes
         for _ in range(2):  # classical Gram–Schmidt, twice
             c = project(used, w)
             if not isinstance(slots, int):
                 c = c * slots
             w = w - combine(c, used)
-            h = h + (torch.nn.functional.pad(c, (0, h.shape[1] - c.shape[1])) if isinstance(slots, int) else c)
+            coef = c if coef is None else coef + c
         v_next, norm = _unit(w)
-        h = h + norm * _onehot(j + 1, h)
+        if isinstance(slots, int):  # the new column of H: (B, m+1), zero below row j+1
+            h = torch.cat([coef, norm, coef.new_zeros((coef.shape[0], self.restart - slots))], dim=1)
+        else:
+            h = coef + norm * _onehot(j + 1, coef)
         basis = write_slot(basis, 1, j + 1, v_next, opts.inplace)
         hessenberg = write_slot(hessenberg, 2, j, h, opts.inplace)
         cols = first_slots(j + 1, self.restart, basis.device)
         y = least_squares(hessenberg, beta, cols)  # (B, n) or (B, m)
-        u = start + combine(y, basis[:, : y.shape[1]])
-        hy = torch.bmm(hessenberg[:, : y.shape[1] + 1, : y.shape[1]], y.unsqueeze(2)).squeeze(2)
-        g = beta[:, None] * _onehot(0, hy) - hy  # β e₁ − H y, (B, n+1) or (B, m+1)
-        r = combine(g, basis[:, : g.shape[1]])
-        return u, u + r, (basis, hessenberg, start, beta, origin, g_origin, shift)
+        n = y.shape[1]
+        hy = torch.bmm(hessenberg[:, : n + 1, :n], y.unsqueeze(2)).squeeze(2)
+        y_ext = torch.nn.functional.pad(y, (0, 1))  # (B, n+1)
+        g = beta[:, None] * _onehot(0, hy) - hy  # β e₁ − H y: the residual's coefficients
+        # one pass over the basis for both u = start + V y and g(u) = u + r = start + V (y + β e₁ − H y)
+        both = torch.bmm(torch.stack([y_ext, y_ext + g], dim=1), basis[:, : n + 1]) + start[:, None]
+        u, gu = both.unbind(1)
+        return u, gu, (basis, hessenberg, start, beta, origin, g_origin, shift)
 
 
 def _gather(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
