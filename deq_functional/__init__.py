@@ -6,7 +6,7 @@
 from . import models  # the reference models: dq.models.mlp / conv / multiscale
 from ._fixed_point import fixed_point
 from ._info import FixedPointError, FixedPointWarning, Info, Status
-from ._module import from_module, to_module
+from ._module_bridge import from_module, to_module
 from .correction import correction_loss, correction_weights
 from .gradients import IFT, JFB, GradMode, Neumann, Phantom, Unrolled
 from .memory import SavedTensorBytes

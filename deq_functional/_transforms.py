@@ -1,5 +1,6 @@
-"""Where a solve runs (eagerly, traced by ``torch.compile``, mapped by ``torch.func.vmap``), and
-how a custom forward-mode rule is made visible to outer ``torch.func`` levels.
+"""Where a solve runs (eagerly, traced by ``torch.compile``, mapped by ``torch.func.vmap``), how a
+custom forward-mode rule is made visible to outer ``torch.func`` levels, and every other use of
+private torch API in the library, each behind a named function.
 
 The regime picks the iteration driver (see ``_drivers.py``): values can be read on the
 host only eagerly. This is the one module that touches private torch API:
@@ -12,7 +13,11 @@ host only eagerly. This is the one module that touches private torch API:
   vmap rules; not public in torch 2.13 / 2.14.1);
 * `outer_visible` runs a custom ``jvp`` rule one functorch level down, so that an outer
   ``jvp`` / ``jacfwd`` differentiates it (torch runs custom jvp rules with forward grad
-  off, which made every second forward-mode derivative silently zero).
+  off, which made every second forward-mode derivative silently zero);
+* `is_batch_norm` tests for ``torch.nn.modules.batchnorm._BatchNorm``, the one common base
+  of every batch norm layer (``dq.DEQ`` refuses batch statistics with ``per_sample=True``);
+* `dynamo_frames_compiled` reads ``torch._dynamo.utils.counters`` (the benchmarking
+  fixture counts the compilations inside its timed rounds).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import enum
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ._tree import tree_map
 
@@ -115,3 +121,29 @@ def outer_visible(rule: Callable[..., Any], *args: Any) -> Any:
     with _set_fwd_grad_enabled(interpreter.prev_fwd_grad_mode()), interpreter.lower():
         out = rule(*inner)
     return tree_map(lambda t: _wrap_for_grad(t, level), out)
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """True for a batch norm layer: ``BatchNorm1d/2d/3d``, their lazy forms, ``SyncBatchNorm``
+    and any subclass of their base.
+
+    Private API because torch exports no common base of these classes:
+    ``torch.nn.modules.batchnorm._BatchNorm`` is the one class they all derive from (a tuple
+    of the public classes would miss user subclasses of the base).
+    """
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def dynamo_frames_compiled() -> int | None:
+    """Frames Dynamo has compiled in this process (its counter of compile attempts), or None.
+
+    Private API because torch offers no public count of compilations:
+    ``torch._dynamo.utils.counters["frames"]["total"]`` is the counter Dynamo keeps (the one
+    ``TORCH_LOGS`` and its own tests read). None where it is absent (another torch version).
+    """
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["frames"]["total"])
+    except Exception:  # noqa: BLE001 - a private counter: absent on another torch, say so
+        return None

@@ -10,8 +10,9 @@ from torch import nn
 from ._checks import check_bool, check_choice
 from ._fixed_point import fixed_point
 from ._info import Info
-from ._module import module_call
+from ._module_bridge import module_call
 from ._report import ON_NONCONVERGENCE
+from ._transforms import is_batch_norm
 from ._tree import tree_map
 from .gradients import IFT, as_grad_mode
 from .solvers import Anderson, as_solver
@@ -122,7 +123,7 @@ class DEQ(nn.Module):
 
     def _refuse_batch_statistics(self) -> None:
         for name, m in self.cell.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            if is_batch_norm(m) and (m.training or m.running_mean is None):
                 raise ValueError(
                     f"DEQ: per_sample=True treats each sample as its own problem, but {'cell.' + name if name else 'cell'} "
                     f"({type(m).__name__}) normalises with batch statistics, which couple the samples; "
