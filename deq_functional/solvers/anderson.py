@@ -26,7 +26,10 @@ def mixing_coefficients(gram: torch.Tensor, slots: Any, lam: float) -> torch.Ten
         ``(B, n)`` (int ``slots``) or ``(B, m)`` (mask, zero on unused slots) coefficients α
         summing to 1, from ``(H/s + (λ+ε)I) w = 1`` on the used block, ``α = w / Σw`` (ε the
         dtype's epsilon keeps an all-zero history finite). With one slot in use this is
-        ``α = (1, 0, …)``: damped Picard. Cost ``O(B m³)``; ``solve_ex`` never syncs with the host.
+        ``α = (1, 0, …)``: damped Picard. Cost ``O(B m³)``: ``solve_ex`` eagerly (it never syncs
+        with the host); inside a compiled loop (mask) an unrolled Cholesky factorisation of the
+        symmetric positive definite system, which inductor fuses into one kernel (``solve_ex``
+        there is an external LU call costing ~50 µs per iteration on a CPU).
     """
     tiny, eps = torch.finfo(gram.dtype).tiny, torch.finfo(gram.dtype).eps
     if isinstance(slots, int):
@@ -39,9 +42,33 @@ def mixing_coefficients(gram: torch.Tensor, slots: Any, lam: float) -> torch.Ten
         scale = (gram.diagonal(dim1=1, dim2=2) * slots).sum(dim=1) / slots.sum() + tiny
         system = torch.where(slots[:, None] & slots[None, :], gram / scale[:, None, None], 0.0)
         system = system + torch.diag_embed(torch.where(slots, lam + eps, 1.0).to(gram.dtype))
-        rhs = slots.to(gram.dtype)[:, None].expand(gram.shape[0], -1, 1)
-    w = torch.linalg.solve_ex(system, rhs, check_errors=False).result[..., 0]
+        return _normalized(cholesky_solve_unrolled(system, slots.to(gram.dtype).expand(gram.shape[0], -1)))
+    return _normalized(torch.linalg.solve_ex(system, rhs, check_errors=False).result[..., 0])
+
+
+def _normalized(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum(dim=1, keepdim=True)
+
+
+def cholesky_solve_unrolled(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x = a⁻¹ b`` for symmetric positive definite ``a`` ``(B, m, m)`` and ``b`` ``(B, m)``, by a
+    Cholesky factorisation written out over the ``m`` columns (a small, static ``m``): elementwise
+    ops only, so a compiler fuses them. Cost ``O(B m³)``."""
+    m = a.shape[1]
+    low = [[None] * m for _ in range(m)]  # the factor L, a ≈ L Lᵀ, entry by entry ((B,) tensors)
+    for j in range(m):
+        diag = a[:, j, j] - sum((low[j][k] ** 2 for k in range(j)), torch.zeros_like(a[:, 0, 0]))
+        low[j][j] = diag.clamp_min(torch.finfo(a.dtype).tiny).sqrt()
+        for i in range(j + 1, m):
+            off = a[:, i, j] - sum((low[i][k] * low[j][k] for k in range(j)), torch.zeros_like(a[:, 0, 0]))
+            low[i][j] = off / low[j][j]
+    y = [None] * m  # L y = b, then Lᵀ x = y
+    for i in range(m):
+        y[i] = (b[:, i] - sum((low[i][k] * y[k] for k in range(i)), torch.zeros_like(b[:, 0]))) / low[i][i]
+    x = [None] * m
+    for i in reversed(range(m)):
+        x[i] = (y[i] - sum((low[k][i] * x[k] for k in range(i + 1, m)), torch.zeros_like(b[:, 0]))) / low[i][i]
+    return torch.stack(x, dim=1)
 
 
 @dataclass(frozen=True)

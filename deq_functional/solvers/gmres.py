@@ -171,13 +171,14 @@ class GMRES(Solver):
         w = v_j - (gp - g_origin) / shift  # (I − A) v_j
         slots = first_slots(j + 1, self.restart + 1, basis.device)
         used = used_slots(basis, slots)
-        coef = None  # the projections of w on v_0..v_j, summed over both passes
+        coef = 0  # the projections of w on v_0..v_j, summed over both passes
         for _ in range(2):  # classical Gram–Schmidt, twice
             c = project(used, w)
             if not isinstance(slots, int):
                 c = c * slots
             w = w - combine(c, used)
-            coef = c if coef is None else coef + c
+            coef = coef + c
+        assert isinstance(coef, torch.Tensor)
         v_next, norm = _unit(w)
         if isinstance(slots, int):  # the new column of H: (B, m+1), zero below row j+1
             h = torch.cat([coef, norm, coef.new_zeros((coef.shape[0], self.restart - slots))], dim=1)
