@@ -55,20 +55,19 @@ def cholesky_solve_unrolled(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Cholesky factorisation written out over the ``m`` columns (a small, static ``m``): elementwise
     ops only, so a compiler fuses them. Cost ``O(B m³)``."""
     m = a.shape[1]
-    low = [[None] * m for _ in range(m)]  # the factor L, a ≈ L Lᵀ, entry by entry ((B,) tensors)
+    low: dict[tuple[int, int], torch.Tensor] = {}  # the factor L (a = L Lᵀ), entry by entry, (B,) each
     for j in range(m):
-        diag = a[:, j, j] - sum((low[j][k] ** 2 for k in range(j)), torch.zeros_like(a[:, 0, 0]))
-        low[j][j] = diag.clamp_min(torch.finfo(a.dtype).tiny).sqrt()
+        diag = a[:, j, j] - sum((low[j, k] ** 2 for k in range(j)), torch.zeros_like(a[:, 0, 0]))
+        low[j, j] = diag.clamp_min(torch.finfo(a.dtype).tiny).sqrt()
         for i in range(j + 1, m):
-            off = a[:, i, j] - sum((low[i][k] * low[j][k] for k in range(j)), torch.zeros_like(a[:, 0, 0]))
-            low[i][j] = off / low[j][j]
-    y = [None] * m  # L y = b, then Lᵀ x = y
+            low[i, j] = (a[:, i, j] - sum((low[i, k] * low[j, k] for k in range(j)), torch.zeros_like(diag))) / low[j, j]
+    y: dict[int, torch.Tensor] = {}  # L y = b, then Lᵀ x = y
     for i in range(m):
-        y[i] = (b[:, i] - sum((low[i][k] * y[k] for k in range(i)), torch.zeros_like(b[:, 0]))) / low[i][i]
-    x = [None] * m
+        y[i] = (b[:, i] - sum((low[i, k] * y[k] for k in range(i)), torch.zeros_like(b[:, 0]))) / low[i, i]
+    x: dict[int, torch.Tensor] = {}
     for i in reversed(range(m)):
-        x[i] = (y[i] - sum((low[k][i] * x[k] for k in range(i + 1, m)), torch.zeros_like(b[:, 0]))) / low[i][i]
-    return torch.stack(x, dim=1)
+        x[i] = (y[i] - sum((low[k, i] * x[k] for k in range(i + 1, m)), torch.zeros_like(b[:, 0]))) / low[i, i]
+    return torch.stack([x[i] for i in range(m)], dim=1)
 
 
 @dataclass(frozen=True)
