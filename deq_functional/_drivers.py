@@ -38,7 +38,7 @@ class Run(NamedTuple):
     ``(B, D)`` tensors, or one stacked ``(K, B, D)`` tensor)."""
 
     state: LoopState
-    host_status: list | None
+    codes: list | None
     states: Any
 
 
@@ -98,7 +98,7 @@ def run_eager(loop: Loop, s: LoopState, *, keep_states: bool = False, compaction
 def run_eager_single(loop: Loop, s: LoopState, *, keep_states: bool = False) -> Run:
     """One problem, ``check_every=1``: after every iteration one read of ``(‖g(z)−z‖, ‖g(z)‖)``,
     classified on the host by the same rule (no status tensors on the device, no masks):
-    ``K + 1`` reads for ``K`` iterations. The loop's ``Loop`` must have ``host_status=True``."""
+    ``K + 1`` reads for ``K`` iterations. The loop's ``Loop`` must have ``classifies_on_host=True``."""
     rule, eps = loop.rule, torch.finfo(s.res.dtype).eps
     res, scale = read_host(torch.cat([s.res, s.scale]))
     res_start, res_min, code, k = res, math.inf, rule.update_host(RUNNING, res, scale, math.inf, None, eps), 0

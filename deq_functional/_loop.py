@@ -1,23 +1,107 @@
-"""One iteration of a solve, written once for every driver (eager, ``torch.while_loop``, masked budget).
+"""One iteration of a solve, written once for every driver (eager, ``torch.while_loop``, masked
+budget), and the step protocol the solvers implement for it.
 
 The loop state is a NamedTuple of fixed-shape tensors on the ``(B, D)`` form of the
 state (see ``_flat.py``); ``Loop.body`` maps it to the next one and is pure apart from
-in-place buffer writes that ``StepOptions.inplace`` allows eagerly. The drivers in
-``_drivers.py`` decide how often it runs and what is read on the host.
+the in-place history writes that ``StepOptions.inplace`` allows. The drivers in
+``_drivers.py`` decide how often it runs and what is read on the host. A solver is a
+frozen set of options with pure maths on ``(B, D)`` matrices (`IterativeSolver`); the loop
+owns everything else: the budget, the stopping rule, masks, best-so-far, the trace.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 
 from ._flat import row_norms, write_slot
 from ._info import Info, make_info
-from ._stopping import RUNNING
-from .solvers._base import Solver, StepOptions
+from ._stopping import RUNNING, Rule
+
+
+class StepOptions(NamedTuple):
+    """How a step may treat its state (decided by the driver and the gradient mode).
+
+    Attributes:
+        inplace: write the history buffers (the state entries named by ``history``) in
+            place: eager solves that build no graph, and no-grad ``torch.while_loop`` bodies,
+            where those buffers live outside the loop's carries.
+        constant_mixing: treat the solver's data-dependent coefficients (Anderson's α,
+            Broyden's inverse-Jacobian pairs) as constants when a graph is built through
+            the iterations (``Unrolled``): their derivative multiplies the residual, which
+            vanishes at the fixed point, while past convergence they are rounding noise.
+    """
+
+    inplace: bool
+    constant_mixing: bool
+
+
+class IterativeSolver:
+    """The step protocol the loop calls, with the options it reads (the base of ``Solver``).
+
+    Options (frozen dataclass fields of the concrete solver): ``max_iter``, ``tol``, ``atol``,
+    ``divergence_ratio`` (the stopping `rule`), ``check_every``, ``return_best``,
+    ``compact_below``. Class attributes: ``history``, the indices of the state entries that are
+    ring buffers, written one slot per step by ``_flat.write_slot`` with ``opts.inplace`` and
+    returned as the same objects when in place (under compile they live outside the loop's
+    carries); ``evaluates_iterate``: False where ``step`` returns the point at which ``g`` is
+    evaluated next rather than the next iterate (then `observe` names the iterate).
+    """
+
+    max_iter: int
+    tol: float
+    atol: float
+    divergence_ratio: float
+    check_every: int
+    return_best: bool
+    compact_below: float
+    history: ClassVar[tuple[int, ...]] = ()
+    evaluates_iterate: ClassVar[bool] = True
+
+    @property
+    def rule(self) -> Rule:
+        """The stopping rule these options define (see ``Status``)."""
+        return Rule(float(self.tol), float(self.atol), float(self.divergence_ratio))
+
+    def init(self, z: torch.Tensor, gz: torch.Tensor) -> tuple:
+        """The solver's state before iteration 0.
+
+        Args:
+            z: ``(B, D)`` the initial iterate ``z_0`` (B problems of D unknowns).
+            gz: ``(B, D)`` its image ``g(z_0)``.
+
+        Returns:
+            a tuple of fixed-shape tensors, each with the B problems as its leading dim (so a
+            subset of problems is a subset of rows), in the work dtype (float32 for half states).
+        """
+        raise NotImplementedError
+
+    def step(
+        self, state: tuple, z: torch.Tensor, gz: torch.Tensor, r: torch.Tensor, k: Any, opts: StepOptions
+    ) -> tuple[torch.Tensor, tuple]:
+        """Iteration ``k``: ``(z_next, state)``.
+
+        Args:
+            state: from `init` or the last step.
+            z, gz, r: ``(B, D)`` the iterate ``z_k``, its image ``g(z_k)`` and the residual
+                ``g(z_k) − z_k`` (computed once by the loop for its norms).
+            k: the iteration index: a Python int eagerly, a 0-dim int64 tensor inside
+                ``torch.while_loop`` / ``scan`` (then no shape may depend on it).
+            opts: in-place history writes and constant mixing (`StepOptions`).
+
+        Returns:
+            ``z_{k+1}`` ``(B, D)`` in ``z``'s dtype (or, when ``evaluates_iterate`` is False,
+            the point where ``g`` is evaluated next) and the new state.
+        """
+        raise NotImplementedError
+
+    def observe(self, state: tuple, p: torch.Tensor, gp: torch.Tensor, k: Any, opts: StepOptions) -> tuple:
+        """Only for ``evaluates_iterate = False`` (GMRES): ``(z_{k+1}, g(z_{k+1}), state)`` from the
+        point ``p`` ``(B, D)`` that `step` returned and ``gp = g(p)``."""
+        raise NotImplementedError
 
 
 class LoopState(NamedTuple):
@@ -75,7 +159,7 @@ class Loop:
         inplace: the loop's own buffers (the trace) may be written in place (eager, no graph).
         dtype: the iterates' dtype (the stopping rule depends on it: `Rule.for_state`).
         trace: keep the residual of every iteration.
-        host_status: the driver classifies on the host (eager, one problem, a read after every
+        classifies_on_host: the driver classifies on the host (eager, one problem, a read after every
             iteration, so it stops right after the problem does): the body leaves ``status``,
             ``nstep`` and ``res_min`` alone and masks nothing. Otherwise stopped problems are
             masked out of every update (iterations run between reads: per-problem batches,
@@ -83,11 +167,11 @@ class Loop:
     """
 
     def __init__(
-        self, solver: Solver, g: Callable[[torch.Tensor], torch.Tensor], *,
-        opts: StepOptions, inplace: bool, trace: bool, dtype: torch.dtype, host_status: bool = False,
+        self, solver: IterativeSolver, g: Callable[[torch.Tensor], torch.Tensor], *,
+        opts: StepOptions, inplace: bool, trace: bool, dtype: torch.dtype, classifies_on_host: bool = False,
     ):
         self.solver, self.g, self.opts, self.inplace, self.trace = solver, g, opts, inplace, trace
-        self.host_status = host_status
+        self.classifies_on_host = classifies_on_host
         self.rule = solver.rule.for_state(dtype)
         self.autocast = False  # set by init: whether the user's autocast is on for z's device
 
@@ -120,7 +204,7 @@ class Loop:
         """Iteration ``k`` (int, or 0-dim int64 tensor inside ``torch.while_loop``): ``z_k -> z_{k+1}``."""
         with self._no_autocast(s.z):
             z, solver_state = self.solver.step(s.solver, s.z, s.gz, s.r, k, self.opts)
-        if self.host_status:  # runs only while the one problem is running
+        if self.classifies_on_host:  # runs only while the one problem is running
             running = None
             status, nstep, res_min = s.status, s.nstep, s.res_min
         else:

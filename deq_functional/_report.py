@@ -19,7 +19,7 @@ from collections import Counter
 from typing import NamedTuple
 
 from ._info import FixedPointError, FixedPointWarning, Info, Status
-from .solvers._base import Solver
+from ._loop import IterativeSolver
 
 ON_NONCONVERGENCE = ("ignore", "warn", "raise")
 _FAILED = (Status.MAX_ITER, Status.DIVERGED)
@@ -36,15 +36,16 @@ class Policy(NamedTuple):
 IGNORE = Policy()
 
 
-def report(policy: Policy, host_status: list | None, info: Info, solver: Solver, what: str) -> None:
-    """Raise or warn for the verdicts of a finished solve, as ``policy`` says."""
-    if policy.report_only or host_status is None:
+def report(policy: Policy, codes: list | None, info: Info, solver: IterativeSolver, what: str) -> None:
+    """Raise or warn for the verdicts of a finished solve, as ``policy`` says (``codes``: the status
+    codes the eager driver read on the host, ``None`` where nothing could be read)."""
+    if policy.report_only or codes is None:
         return
-    if Status.NONFINITE in host_status:
+    if Status.NONFINITE in codes:
         _raise_nonfinite(info, what)
     if policy.on_nonconvergence == "ignore":
         return
-    counts = Counter(Status(c) for c in host_status if c in _FAILED)
+    counts = Counter(Status(c) for c in codes if c in _FAILED)
     if not counts:
         return
     failed = sum(counts.values())
@@ -54,7 +55,7 @@ def report(policy: Policy, host_status: list | None, info: Info, solver: Solver,
     kinds = ", ".join(f"{n} {s.name}" for s, n in sorted(counts.items()))
     fell_back = f"; they got JFB's gradient instead (fallback={policy.fallback!r})" if policy.fallback else ""
     msg = (
-        f"{what} did not converge: {failed} of {len(host_status)} problem(s) stopped ({kinds}) "
+        f"{what} did not converge: {failed} of {len(codes)} problem(s) stopped ({kinds}) "
         f"at rel_residual up to {worst:.3g} > tol {solver.tol:g} after {solver.max_iter} iterations "
         f"at most ({type(solver).__name__}){fell_back}. Try: {counts.most_common(1)[0][0].advice}."
     )

@@ -14,11 +14,10 @@ import torch
 from ._drivers import Compaction, run_budget, run_eager, run_eager_single, run_scan, run_while_loop
 from ._flat import FlatView
 from ._info import FixedPointWarning, Info
-from ._loop import Loop
+from ._loop import IterativeSolver, Loop, StepOptions
 from ._report import IGNORE, Policy, report
 from ._transforms import Regime, regime
 from ._tree import describe, flatten, same_layout
-from .solvers._base import Solver, StepOptions
 
 
 class States:
@@ -55,13 +54,14 @@ class Solution(NamedTuple):
 
 
 def iterate(
-    solver: Solver,
+    solver: IterativeSolver,
     g: Callable[[Any], Any],
     z0: Any,
     gz0: Any,
     *,
     per_sample: bool,
     what: str,
+    owner: str = "fixed_point",
     trace: bool = False,
     keep_states: bool = False,
     policy: Policy = IGNORE,
@@ -76,6 +76,7 @@ def iterate(
         per_sample: the leading dim of every leaf indexes independent problems (ignored
             inside ``vmap``: each mapped problem is one problem of its own).
         what: names the solve in errors and warnings ("fixed_point: the forward solve").
+        owner: names the caller in a bad state's ``ValueError`` ("fixed_point", "Picard", ...).
         policy: what the verdicts turn into, eagerly (see ``_report.Policy``).
         trace, keep_states: keep every residual / every iterate.
         graph: an autograd graph is built through the iterations (``Unrolled``): buffers
@@ -95,7 +96,7 @@ def iterate(
     """
     where = regime(flatten(gz0)[0][0])
     per_sample = per_sample and where is not Regime.MAPPED  # under vmap each mapped problem is one
-    view = FlatView(z0, per_sample, owner=what.split(":")[0])
+    view = FlatView(z0, per_sample, owner=owner)
     z, gz = view.to_flat(z0), view.to_flat(gz0)
     eager = where is Regime.EAGER
     if where is not Regime.COMPILED:
@@ -113,7 +114,7 @@ def iterate(
         inplace=eager and not graph,
         trace=trace,
         dtype=z.dtype,
-        host_status=single,
+        classifies_on_host=single,
     )
     start = loop.init(z, gz)
     if single:
@@ -130,7 +131,7 @@ def iterate(
     else:
         run = run_budget(loop, start, keep_states=keep_states)
     z, gz, info = loop.finish(run.state, per_sample)
-    report(policy, run.host_status, info, solver, what)
+    report(policy, run.codes, info, solver, what)
     return Solution(view.from_flat(z), view.from_flat(gz), info, States(view, run.states))
 
 
@@ -139,13 +140,13 @@ def _flat_map(view: FlatView, g: Callable[[Any], Any]) -> Callable[[torch.Tensor
     return lambda flat: view.to_flat(g(view.from_flat(flat)))
 
 
-def solve_map(solver: Solver, g: Callable[[Any], Any], z0: Any, *, per_sample: bool, trace: bool) -> tuple[Any, Info]:
+def solve_map(solver: IterativeSolver, g: Callable[[Any], Any], z0: Any, *, per_sample: bool, trace: bool) -> tuple[Any, Info]:
     """``solver(g, z0)``: check ``g``'s output layout, solve, return ``(g(z_K), info)``."""
     owner = type(solver).__name__
     gz0 = g(z0)
     if not same_layout(gz0, z0):
         raise ValueError(f"{owner}: g(z) must return the structure and shapes of z; got {describe(gz0)} for z0 = {describe(z0)}")
-    out = iterate(solver, g, z0, gz0, per_sample=per_sample, what=owner, trace=trace)
+    out = iterate(solver, g, z0, gz0, per_sample=per_sample, what=owner, owner=owner, trace=trace)
     return out.answer, out.info
 
 
@@ -157,7 +158,7 @@ def resolution(dtype: torch.dtype, device_type: str) -> float:
     return eps
 
 
-def _warn_if_tol_unreachable(solver: Solver, z: torch.Tensor, what: str) -> None:
+def _warn_if_tol_unreachable(solver: IterativeSolver, z: torch.Tensor, what: str) -> None:
     """Warn (``FixedPointWarning``) when f runs in half precision (a float16/bfloat16 state, or
     autocast) and ``0 < tol`` is below its resolution, so that every solve would silently run its
     whole budget (e.g. the default 1e-5 under bfloat16, epsilon 7.8e-3)."""

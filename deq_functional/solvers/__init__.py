@@ -1,6 +1,7 @@
 """Fixed-point solvers: frozen dataclasses callable as ``solver(g, z0) -> (z, info)``."""
 
-from ._base import Solver, StepOptions
+from .._loop import StepOptions
+from ._base import Solver
 from .anderson import Anderson
 from .broyden import Broyden
 from .gmres import GMRES

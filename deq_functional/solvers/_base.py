@@ -1,59 +1,27 @@
-"""What every solver shares: budget and stopping options, their validation, and the step protocol.
+"""What every solver shares: budget and stopping options, their validation, and the standalone call.
 
-A solver is a frozen set of hyperparameters with pure maths on ``(B, D)`` matrices:
-
-* ``init(z, gz) -> state``: a tuple of fixed-shape tensors (history buffers, counts), each
-  with the problems as its leading dim (so a subset of problems is a subset of rows). The
-  entries listed in ``history`` are ring buffers that ``step`` changes only by `write_slot`
-  with ``opts.inplace`` (one slot per call) and returns as the same objects when in place:
-  under compile they stay outside ``torch.while_loop``'s carries, written in place;
-* ``step(state, z, gz, r, k, opts) -> (z_next, state)``: one update from the current
-  iterate ``z``, its image ``gz = g(z)``, the residual ``r = gz − z`` (the loop computes
-  it once for its norms) and the iteration index ``k`` (a Python int eagerly, a 0-dim
-  int64 tensor inside ``torch.while_loop``);
-* ``observe(state, p, gp, k, opts) -> (z, gz, state)``, only for a solver whose
-  ``evaluates_iterate`` is False (GMRES): ``step`` then returns the point ``p`` where ``g``
-  is evaluated next (an Arnoldi direction), and ``observe`` turns ``g(p)`` into the next
-  iterate and its image.
-
-The loop (``_loop.py``) owns everything else: the budget, the stopping rule, masks,
-best-so-far, the trace. ``StepOptions`` carries the two things the caller decides:
-whether buffers may be written in place, and whether mixing coefficients are
-differentiated (a gradient-mode decision).
+A solver is a frozen set of hyperparameters implementing the step protocol of the loop
+(``_loop.IterativeSolver``: ``init``, ``step``, and ``observe`` where ``evaluates_iterate`` is
+False; ``StepOptions``), which lives with the loop that calls it. ``solver(g, z0)`` hands the
+solver to the solve (``_solve.solve_map``): solvers sit above the solve, which never imports them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, NamedTuple
-
-import torch
+from typing import Any, Callable, ClassVar
 
 from .._checks import check_bool, check_finite_real, check_int, check_real
-from .._stopping import Rule
-
-
-class StepOptions(NamedTuple):
-    """How a step may treat its state (decided by the driver and the gradient mode).
-
-    Attributes:
-        inplace: write history buffers (the state entries named by ``Solver.history``) in
-            place: eager solves that build no graph, and no-grad ``torch.while_loop`` bodies,
-            where those buffers live outside the loop's carries.
-        constant_mixing: treat the solver's data-dependent coefficients (Anderson's α,
-            Broyden's inverse-Jacobian pairs) as constants when a graph is built through
-            the iterations (``Unrolled``): their derivative multiplies the residual, which
-            vanishes at the fixed point, while past convergence they are rounding noise.
-    """
-
-    inplace: bool
-    constant_mixing: bool
+from .._loop import IterativeSolver
+from .._solve import solve_map
 
 
 @dataclass(frozen=True)
-class Solver:
+class Solver(IterativeSolver):
     """Base of the fixed-point solvers: a frozen set of hyperparameters, no problem inside.
+
+    Subclasses implement the step protocol (``init`` / ``step``, see ``_loop.IterativeSolver``).
 
     Attributes:
         max_iter: iteration budget (>= 1).
@@ -84,8 +52,6 @@ class Solver:
     max_iter: int = 50
     tol: float = 1e-5
     affine_only: ClassVar[bool] = False  # solves affine maps only (GMRES): refused as fixed_point's solver
-    history: ClassVar[tuple[int, ...]] = ()  # state entries written one slot per step (in place if allowed)
-    evaluates_iterate: ClassVar[bool] = True  # False: g is evaluated at step's point, then `observe`
     atol: float = field(default=0.0, kw_only=True)
     divergence_ratio: float = field(default=1e4, kw_only=True)
     check_every: int = field(default=1, kw_only=True)
@@ -102,11 +68,6 @@ class Solver:
         check_bool(owner, "return_best", self.return_best)
         check_real(owner, "compact_below", self.compact_below, 0.0, 1.0)
 
-    @property
-    def rule(self) -> Rule:
-        """The stopping rule these options define (see ``Status``)."""
-        return Rule(float(self.tol), float(self.atol), float(self.divergence_ratio))
-
     def __call__(self, g: Callable[[Any], Any], z0: Any, *, per_sample: bool = False, trace: bool = False):
         """Find a fixed point ``z = g(z)`` from ``z0`` (a tensor or pytree of tensors).
 
@@ -115,20 +76,4 @@ class Solver:
         ``torch.no_grad()`` unless you mean to backpropagate through the iterations.
         Non-finite iterates raise ``FixedPointError`` eagerly, as in ``fixed_point``.
         """
-        # The driver depends on this protocol, not the other way round: the convenience
-        # entry hands the solver to it at call time.
-        from .._solve import solve_map
-
         return solve_map(self, g, z0, per_sample=per_sample, trace=trace)
-
-    def init(self, z: torch.Tensor, gz: torch.Tensor) -> tuple:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def step(  # pragma: no cover
-        self, state: tuple, z: torch.Tensor, gz: torch.Tensor, r: torch.Tensor, k: Any, opts: StepOptions
-    ) -> tuple:
-        raise NotImplementedError
-
-    def observe(self, state: tuple, p: torch.Tensor, gp: torch.Tensor, k: Any, opts: StepOptions) -> tuple:
-        """``(z, gz, state)`` from ``gp = g(p)`` (see the module docstring); the identity here."""
-        return p, gp, state
