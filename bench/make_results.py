@@ -505,12 +505,70 @@ def section_adjoint(data, rows):
     return out, []
 
 
+def section_gemm(data, rows):
+    rs = by_kind(rows, "gemm")
+    if not rs:
+        return [], []
+    r0 = rs[0]
+    out = [
+        "## 9. The MLP's float32 GEMMs: MLP latent (128×256)·(256×256)ᵀ and embedding (128×784)·(784×256)ᵀ",
+        "",
+        "One GEMM shape per table block, every path timed in one process (`measure.Rotating`: each round times "
+        f"every arm once, starting one arm later each round; wall clock; {r0['rounds']} rounds, one sample = "
+        f"{r0['calls_per_sample']} back-to-back calls ÷ the GEMMs they ran), operands the MLP workload's own "
+        "(latent: `z` near the fixed point and `W`; embedding: the flattened batch and `U`, bias left out). "
+        "`x @ W.T`: what the model does. `mm(x, Wt)`: `torch.mm` with the weight transposed once into a "
+        "contiguous copy. `eager x10` / `inductor x10` / `jax.jit x10`: 10 GEMMs in one call, per GEMM (latent: "
+        "chained `z ← z Wᵀ`; embedding: 10 inputs, the batch rolled by 0..9 rows, same `U`; in JAX sequenced by "
+        "`optimization_barrier` so XLA cannot run them at once); `inductor`: `torch.compile(lambda x: x @ W.T, "
+        "fullgraph=True)` with inductor's defaults. `bf16 matmul`: `x @ W.T` with "
+        "`torch.backends.mkldnn.matmul.fp32_precision = \"bf16\"` (set and restored around each sample): "
+        "**not float32 arithmetic**, see its error. `jax.jit`: XLA:CPU single threaded (`jax_mlp.load_jax`). "
+        "Error: ‖y − y₆₄‖∞ / ‖y₆₄‖∞ against the float64 product of the same float32 operands (x10: the chain's "
+        "10th output, or the worst of the 10). GEMMs in code: extern kernel calls in inductor's generated code, "
+        "`dot` ops in XLA's optimised HLO. Thread check: second busiest thread's CPU time ÷ the busiest's "
+        "(≤ 0.7), or for the sequenced JAX x10 arms process CPU ÷ wall time (≤ 1.1).",
+        "",
+        f"BLAS: {'; '.join(r0.get('blas') or ['?'])}. CPU: {r0.get('cpu_model', '?')} "
+        f"(flags: {', '.join(r0.get('cpu_flags') or []) or '–'}); torch {r0.get('torch', '?')} with "
+        f"{r0.get('torch_threads', '?')} thread; jax {r0.get('jax') or 'not installed'}; "
+        f"`mkldnn.matmul.fp32_precision` default `{r0.get('mkldnn_matmul_fp32_precision')}`.",
+        "",
+        command(data, "bench_gemm"),
+        "",
+    ]
+    notes = sorted({n for r in rs for n in r.get("notes", [])})
+    out += [f"- {n}" for n in notes] + ([""] if notes else [])
+    out += [
+        "| GEMM | path | µs per GEMM | ÷ `x @ W.T` (per round) | GFLOP/s at min | max rel error | GEMMs in code | "
+        "thread check | first call s | 1-min load before – after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rs, key=lambda r: r["shape"] != "latent"):
+        load_1 = " – ".join(f"{pair[0]:.1f}" for pair in r.get("load_average") or [] if pair)
+        for name, a in r["arms"].items():
+            t = r["threads"][name]
+            check = ("–" if t.get("second_over_top") is None else f"{t['second_over_top']:.2f}") + (
+                f" (CPU ÷ wall {t['cpu_over_wall']:.2f})" if "sequenced" in a else "")
+            kernels = a.get("gemm_kernels")
+            code = (", ".join(f"{v} {k}" for k, v in kernels.items()) if kernels
+                    else f"{a['hlo_dots']} dot" if "hlo_dots" in a else "–")
+            first = f"{a['first_call_s']:.2f}" if "first_call_s" in a else "–"
+            out.append(
+                f"| {r['shape']} {r['m']}×{r['k']}·({r['n']}×{r['k']})ᵀ | `{name}` | "
+                f"{mmed(a['us_per_gemm'], 1, '{:.1f}')} | {mmed(a['ratio_over_reference'])} | "
+                f"{a['gflops_at_min']:.0f} | {a['max_rel_err']:.1e} | {code} | {check} | {first} | {load_1} |"
+            )
+    out.append("")
+    return out, []
+
+
 def main(bench_json, out_md):
     data, rows = load(bench_json)
     lines = header(data)
     sections, checks = [], []
     for fn in (section_solver, section_train, section_compile, section_torchdeq, section_denormals,
-               section_allocator, section_vs_jax, section_adjoint):
+               section_allocator, section_vs_jax, section_adjoint, section_gemm):
         s, c = fn(data, rows)
         sections += s
         checks += c
