@@ -150,6 +150,11 @@ def first_slots(n: Any, size: int, device: torch.device) -> Any:
     return torch.arange(size, device=device) < n
 
 
+def slot_mask(slots: Any, size: int, device: torch.device) -> torch.Tensor:
+    """The ``(size,)`` bool mask of `first_slots`' slots (itself when it already is one)."""
+    return torch.arange(size, device=device) < slots if isinstance(slots, int) else slots
+
+
 def used_slots(buffer: torch.Tensor, slots: Any) -> torch.Tensor:
     """``buffer[:, :slots]`` for an int from `first_slots`, else the whole ``(B, size, ...)`` buffer."""
     return buffer[:, :slots] if isinstance(slots, int) else buffer

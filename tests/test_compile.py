@@ -147,6 +147,39 @@ def test_solver_history_is_written_in_place_not_carried(name, history):
     torch.testing.assert_close(z, z_eager, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["jfb", "ift"])
+@pytest.mark.parametrize("name", SOLVER_CLASSES)
+def test_in_place_history_equals_eager_per_sample_with_spread_convergence(name, mode):
+    """Per-sample problems that stop at very different steps (inputs across three orders of
+    magnitude): the compiled loop, history written in place, gives eager's nstep and status per
+    sample, z_star and gradients; new values recompile nothing."""
+    g = torch.Generator().manual_seed(3)
+    W = 0.9 * torch.linalg.qr(torch.randn(N, N, generator=g))[0]
+    x = torch.randn(6, N, generator=g) * torch.logspace(-2, 1, 6)[:, None]
+
+    def loss(W, x):
+        z, info = dq.fixed_point(f, {"W": W}, x, solver=SOLVER_CLASSES[name](max_iter=200, tol=1e-5),
+                                 grad_mode=mode, per_sample=True)
+        return torch.sin(z).sum(), info
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss, fullgraph=True, backend=counter)
+    for scale in (1.0, 0.5):  # new values of W and x: the same graph
+        results = []
+        for fn in (loss, compiled):
+            Wg = (scale * W).requires_grad_()
+            value, info = fn(Wg, scale * x)
+            value.backward()
+            results.append((value.detach(), Wg.grad, info))
+        (le, ge, ie), (lc, gc, ic) = results
+        assert len(set(ie.nstep.tolist())) > 2  # the samples stop at different steps
+        assert torch.equal(ic.nstep, ie.nstep) and torch.equal(ic.status, ie.status)
+        torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
+    assert counter.frame_count == 1
+
+
 def test_return_trajectory_compiles_one_iteration_and_equals_eager():
     """The trajectory needs every iterate: a scan over the budget, whose graph does not grow with
     it either; with tol=0 both run exactly max_iter iterations and keep the same states."""

@@ -192,13 +192,3 @@ def test_anderson_ridge_is_relative_so_the_iterations_do_not_depend_on_the_scale
         counts.append(int(info.nstep))
     assert counts[0] == counts[1] == counts[2], counts
 
-
-@pytest.mark.parametrize("m", [1, 2, 5, 8])
-def test_the_unrolled_cholesky_solve_of_compiled_anderson_matches_a_dense_solve(m):
-    from deq_functional.solvers.anderson import cholesky_solve_unrolled
-
-    g = torch.Generator().manual_seed(m)
-    a = torch.randn(3, m, m, dtype=torch.float64, generator=g)
-    a = a @ a.mT + 1e-3 * torch.eye(m, dtype=torch.float64)
-    b = torch.randn(3, m, dtype=torch.float64, generator=g)
-    torch.testing.assert_close(cholesky_solve_unrolled(a, b), torch.linalg.solve(a, b), rtol=1e-9, atol=1e-10)

@@ -3,71 +3,40 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from .._checks import check_finite_real, check_int, check_real
-from .._flat import combine, first_slots, project, used_slots, work_dtype, write_slot
+from .._flat import combine, first_slots, project, slot_mask, used_slots, work_dtype, write_slot
 from ._base import Solver
 
 
-def mixing_coefficients(gram: torch.Tensor, slots: Any, lam: float) -> torch.Tensor:
+def mixing_coefficients(gram: torch.Tensor, slots: torch.Tensor, lam: float) -> torch.Tensor:
     r"""Solve ``min_α ‖Σᵢ αᵢ rᵢ‖²`` s.t. ``Σᵢ αᵢ = 1`` over the history slots in use.
 
     Args:
         gram: ``(B, m, m)`` Gram matrix ``H = R Rᵀ`` of the residual history ``rᵢ = g(zᵢ) − zᵢ``.
-        slots: the slots that hold history, from ``first_slots``: an int ``n`` (the first n,
-            sliced: eager) or an ``(m,)`` bool mask (entries of other slots ignored).
+        slots: ``(m,)`` bool mask of the slots that hold history (entries of other slots ignored).
         lam: ridge λ relative to ``s = mean(diag H)`` over the slots in use; it stays relative
             as the residuals shrink, so Anderson does not degrade into averaging near convergence.
 
     Returns:
-        ``(B, n)`` (int ``slots``) or ``(B, m)`` (mask, zero on unused slots) coefficients α
-        summing to 1, from ``(H/s + (λ+ε)I) w = 1`` on the used block, ``α = w / Σw`` (ε the
-        dtype's epsilon keeps an all-zero history finite). With one slot in use this is
-        ``α = (1, 0, …)``: damped Picard. Cost ``O(B m³)``: ``solve_ex`` eagerly (it never syncs
-        with the host); inside a compiled loop (mask) an unrolled Cholesky factorisation of the
-        symmetric positive definite system, which inductor fuses into one kernel (``solve_ex``
-        there is an external LU call costing ~50 µs per iteration on a CPU).
+        ``(B, m)`` coefficients α summing to 1, zero on unused slots, from ``(H/s + (λ+ε)I) w = 1``
+        on the used block, ``α = w / Σw`` (ε the dtype's epsilon keeps an all-zero history
+        finite); unused rows and columns become the identity with right-hand side 0. With one
+        slot in use this is ``α = (1, 0, …)``: damped Picard. One formulation eagerly and
+        compiled, so both give the same α to the last bit (eagerly too the system is the padded
+        ``m × m`` one: the LU of a smaller system rounds differently). Cost ``O(B m³)``;
+        ``solve_ex`` never syncs with the host.
     """
     tiny, eps = torch.finfo(gram.dtype).tiny, torch.finfo(gram.dtype).eps
-    if isinstance(slots, int):
-        gram = gram[:, :slots, :slots]
-        scale = gram.diagonal(dim1=1, dim2=2).sum(dim=1, keepdim=True)[:, :, None] / slots + tiny
-        system = gram / scale
-        system.diagonal(dim1=1, dim2=2).add_(lam + eps)
-        rhs = torch.ones_like(system[:, :, :1])
-    else:  # masked: unused rows/columns become the identity, with right-hand side 0
-        scale = (gram.diagonal(dim1=1, dim2=2) * slots).sum(dim=1) / slots.sum() + tiny
-        system = torch.where(slots[:, None] & slots[None, :], gram / scale[:, None, None], 0.0)
-        system = system + torch.diag_embed(torch.where(slots, lam + eps, 1.0).to(gram.dtype))
-        return _normalized(cholesky_solve_unrolled(system, slots.to(gram.dtype).expand(gram.shape[0], -1)))
-    return _normalized(torch.linalg.solve_ex(system, rhs, check_errors=False).result[..., 0])
-
-
-def _normalized(w: torch.Tensor) -> torch.Tensor:
+    scale = (gram.diagonal(dim1=1, dim2=2) * slots).sum(dim=1) / slots.sum() + tiny
+    system = torch.where(slots[:, None] & slots[None, :], gram / scale[:, None, None], 0.0)
+    system = system + torch.diag_embed(torch.where(slots, lam + eps, 1.0).to(gram.dtype))
+    rhs = slots.to(gram.dtype)[:, None].expand(gram.shape[0], -1, 1)
+    w = torch.linalg.solve_ex(system, rhs, check_errors=False).result[..., 0]
     return w / w.sum(dim=1, keepdim=True)
-
-
-def cholesky_solve_unrolled(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``x = a⁻¹ b`` for symmetric positive definite ``a`` ``(B, m, m)`` and ``b`` ``(B, m)``, by a
-    Cholesky factorisation written out over the ``m`` columns (a small, static ``m``): elementwise
-    ops only, so a compiler fuses them. Cost ``O(B m³)``."""
-    m = a.shape[1]
-    low: dict[tuple[int, int], torch.Tensor] = {}  # the factor L (a = L Lᵀ), entry by entry, (B,) each
-    for j in range(m):
-        diag = a[:, j, j] - sum((low[j, k] ** 2 for k in range(j)), torch.zeros_like(a[:, 0, 0]))
-        low[j, j] = diag.clamp_min(torch.finfo(a.dtype).tiny).sqrt()
-        for i in range(j + 1, m):
-            low[i, j] = (a[:, i, j] - sum((low[i, k] * low[j, k] for k in range(j)), torch.zeros_like(diag))) / low[j, j]
-    y: dict[int, torch.Tensor] = {}  # L y = b, then Lᵀ x = y
-    for i in range(m):
-        y[i] = (b[:, i] - sum((low[i, k] * y[k] for k in range(i)), torch.zeros_like(b[:, 0]))) / low[i, i]
-    x: dict[int, torch.Tensor] = {}
-    for i in reversed(range(m)):
-        x[i] = (y[i] - sum((low[k, i] * x[k] for k in range(i + 1, m)), torch.zeros_like(b[:, 0]))) / low[i, i]
-    return torch.stack([x[i] for i in range(m)], dim=1)
 
 
 @dataclass(frozen=True)
@@ -128,7 +97,8 @@ class Anderson(Solver):
         row = project(residuals, r)  # (B, m): rᵢ · r, the one new Gram row
         gram = write_slot(write_slot(gram, 1, slot, row, opts.inplace), 2, slot, row, opts.inplace)
         slots = first_slots(k + 1, self.m, z.device)
-        alpha = mixing_coefficients(gram, slots, self.lam)
+        alpha = mixing_coefficients(gram, slot_mask(slots, self.m, z.device), self.lam)
+        alpha = used_slots(alpha.unsqueeze(2), slots).squeeze(2)  # eagerly: the first n columns
         if opts.constant_mixing:
             # Unrolled: differentiate through the iterates, not through α. dα/dθ multiplies
             # residuals that vanish at convergence, but the ill-conditioned Gram solve makes
