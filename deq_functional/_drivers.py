@@ -1,21 +1,25 @@
-"""How often ``Loop.body`` runs, and what is read on the host: the three drivers.
+"""How often ``Loop.body`` runs, and what is read on the host: the drivers.
 
-==================  ==========================================  ===========================
-driver              where                                       stops
-==================  ==========================================  ===========================
-``run_eager``       values readable (eager, incl. torch.func.grad)  when a host read of the
-                                                                status finds no problem
-                                                                running; one read every
-                                                                ``check_every`` iterations
-``run_while_loop``  under ``torch.compile``, no graph through    inside the graph, once no
-                    the iterations                              problem is running
-                                                                (``torch.while_loop``)
-``run_budget``      ``vmap`` (no ``while_loop`` rule), or a     never: the whole
-                    graph through the iterations under compile,  ``max_iter`` budget, stopped
-                    or ``return_trajectory`` under compile       problems masked
-==================  ==========================================  ===========================
+======================  ======================================  ==============================
+driver                  where                                   stops
+======================  ======================================  ==============================
+``run_eager``           values readable (eager, incl.           when a host read of the status
+                        torch.func.grad), several problems      finds no problem running; one
+                        or ``check_every > 1``; optionally on   read every ``check_every``
+                        the running rows only (`Compaction`)    iterations
+``run_eager_single``    eager, one problem, a read per          right after the problem stops
+                        iteration (classified on the host)
+``run_while_loop``      under ``torch.compile``, no graph       inside the graph, once no
+                        through the iterations                  problem is running
+``run_scan``            under compile, every iterate kept       never: the whole ``max_iter``
+                        (``return_trajectory``)                 budget, stopped problems masked
+``run_budget``          ``vmap`` (no ``while_loop`` rule), or   never: the same masked budget,
+                        a graph through the iterations under    as a Python loop
+                        compile (``Unrolled``)
+======================  ======================================  ==============================
 
-All three run the same body, so ``z_star``, ``nstep`` and ``status`` agree per problem.
+All of them run the same body, so ``z_star``, ``nstep`` and ``status`` agree per problem.
+`confirmed` then checks a solver's own residual estimate (GMRES) against ``g`` once.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ def run_eager(loop: Loop, s: LoopState, *, keep_states: bool = False, compaction
             if not running:
                 stopped = True
                 break
-            if compaction is not None and len(running) <= compaction.below * len(codes):
+            if compaction is not None and len(running) < len(codes) and len(running) <= compaction.below * len(codes):
                 local = torch.tensor(running, device=s.z.device)
                 whole = s if rows is None else whole.put_rows(rows, s)
                 rows = local if rows is None else rows[local]
@@ -120,6 +124,15 @@ def run_eager_single(loop: Loop, s: LoopState, *, keep_states: bool = False) -> 
         res_min=torch.tensor([min(res_min, res)], dtype=s.res.dtype, device=device),
     )
     return Run(s, [code], states)
+
+
+def confirmed(loop: Loop, run: Run) -> Run:
+    """``run`` with its verdicts checked against the true residual (``Loop.confirm``) where the
+    solver's residual is its own estimate (GMRES), and the codes read again if they were read."""
+    if loop.solver.evaluates_iterate:
+        return run
+    state = loop.confirm(run.state)
+    return run._replace(state=state, codes=None if run.codes is None else read_host(state.status))
 
 
 def run_budget(loop: Loop, s: LoopState, *, keep_states: bool = False) -> Run:

@@ -12,7 +12,8 @@ from ._info import Info, with_fields
 from ._problem import Problem
 from ._report import ON_NONCONVERGENCE, Policy
 from ._solve import Solution, iterate
-from ._tree import tree_map
+from ._transforms import Regime, regime
+from ._tree import detached, flatten, tree_map
 from .gradients import IFT, ForwardCall, as_grad_mode
 from .solvers import Anderson, as_solver
 
@@ -100,7 +101,7 @@ def fixed_point(
 
     graph = mode.differentiates_iterations
     if not graph:
-        z0 = tree_map(torch.Tensor.detach, z0)
+        z0 = detached(z0)
     with contextlib.nullcontext() if graph else torch.no_grad():
         gz0 = problem.first_call(z0, detached=not graph, z0_given=z0_given)
         sol = iterate(
@@ -117,9 +118,19 @@ def fixed_point(
 
 
 def _trajectory(problem: Problem, sol: Solution, k: int) -> tuple:
-    """``k`` states evenly spaced over iterations 1..K (last = K), each ``f(params, z_i.detach(), x)``."""
-    states = sol.states if len(sol.states) else [tree_map(torch.Tensor.detach, sol.z)]
-    n = len(states)
-    picks = sorted({round(n - 1 - i * (n - 1) / max(k - 1, 1)) for i in range(min(k, n))})
+    """``k`` states evenly spaced over iterations 1..K (last = K), each ``f(params, z_i.detach(), x)``.
+
+    K is the number of iterations the solve took: eagerly the states the loop kept; under
+    compile or vmap, where the whole budget ran with stopped problems frozen, the largest
+    ``info.nstep`` of the call, so the picks are eager's (there, when K < k, a state repeats
+    instead of the list being shorter)."""
     step = problem.map(detached=False)
-    return tuple(step(states[i]) for i in picks)
+    if not len(sol.states):
+        return (step(detached(sol.z)),)
+    if regime(flatten(sol.info.nstep)[0][0]) is Regime.EAGER:
+        n = len(sol.states)
+        picks = sorted({round(n - 1 - i * (n - 1) / max(k - 1, 1)) for i in range(min(k, n))})
+        return tuple(step(sol.states[i]) for i in picks)
+    last = (sol.info.nstep.max() - 1).clamp(min=0)
+    picks = [torch.round(last - last * (i / max(k - 1, 1))).long() for i in reversed(range(k))]
+    return tuple(step(sol.states.at(i)) for i in picks)

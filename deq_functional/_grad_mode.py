@@ -15,12 +15,12 @@ import torch
 
 from ._implicit import ProblemMap, SolveSetup, Spec, attach
 from ._info import Status
-from ._linearize import Linearization, detached
+from ._linearize import Linearization
 from ._problem import Problem
 from ._report import Policy
 from ._solve import Solution, iterate
 from ._transforms import LOOP_MUTATION_WITH_FUNC, inside_vmap, is_compiling
-from ._tree import flatten, tree_map
+from ._tree import detached, flatten, tree_add, tree_map
 
 if TYPE_CHECKING:  # annotations only: the solvers sit above the solve this module runs
     from .solvers import Solver
@@ -53,10 +53,6 @@ class GradMode:
     def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:  # pragma: no cover - abstract
         """The differentiable ``z_star`` from the last iterate ``z_K`` (and ``gz_K = f(z_K)``)."""
         raise NotImplementedError
-
-
-def add(a: Any, b: Any) -> Any:
-    return tree_map(torch.add, a, b)
 
 
 ADJOINT_SOLVE = "fixed_point: the IFT adjoint (backward) solve"
@@ -108,14 +104,11 @@ class ImplicitMode(GradMode):
             # (Only under compile: inside vmap, batched tensors report requires_grad=False even when
             # the tensors they wrap require it, and skipping would silently give JFB's gradient.)
             return value
-        setup = SolveSetup(self.adjoint_solver(call), call.per_sample, Policy(call.on_nonconvergence, self.fallback))
+        policy = Policy(call.on_nonconvergence, getattr(self, "fallback", None))  # IFT's fallback, if any
+        setup = SolveSetup(self.adjoint_solver(call), call.per_sample, policy)
         n = problem.n_state_leaves
         spec = Spec(self, ProblemMap(problem), setup, n, 0 if self.linearizes_at_output else n)
         return attach(spec, value, None if self.linearizes_at_output else detached(z_K), params)
-
-    @property
-    def fallback(self) -> str | None:
-        return None
 
 
 def derivative_solve(spec: Spec, product: Any, rhs: Any, kind: str) -> Solution:
@@ -131,8 +124,9 @@ def derivative_solve(spec: Spec, product: Any, rhs: Any, kind: str) -> Solution:
     with torch.no_grad():
         zeros = tree_map(torch.zeros_like, rhs)
         return iterate(
-            setup.solver, lambda v: add(product(v), rhs), zeros, rhs,
+            setup.solver, lambda v: tree_add(product(v), rhs), zeros, rhs,
             per_sample=setup.per_sample, what=what, policy=setup.policy, history_outside_loop=LOOP_MUTATION_WITH_FUNC,
+            rows_are_problems=setup.rows_are_problems,
         )
 
 

@@ -28,11 +28,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._linearize import Linearization
+from ._linearize import Linearization, jvp_z
 from ._problem import Problem
 from ._report import Policy
 from ._transforms import is_compiling, outer_visible
-from ._tree import TreeSpec, flatten, tree_map, unflatten
+from ._tree import TreeSpec, flatten, leaf_count, tree_add, unflatten
 
 # ------------------------------------------------------------------------------ implicit maps
 
@@ -58,7 +58,7 @@ class AdjointMap:
     def __call__(self, q: list, u: Any) -> Any:
         point, p, rhs = _unpack(self.z_spec, q)
         pulled = torch.func.vjp(lambda z: self.base(p, z), point)[1](u)[0]
-        return tree_map(torch.add, pulled, rhs)
+        return tree_add(pulled, rhs)
 
 
 class TangentMap:
@@ -69,8 +69,7 @@ class TangentMap:
 
     def __call__(self, q: list, t: Any) -> Any:
         point, p, rhs = _unpack(self.z_spec, q)
-        pushed = torch.func.jvp(lambda z: self.base(p, z), (point,), (t,))[1]
-        return tree_map(torch.add, pushed, rhs)
+        return tree_add(jvp_z(self.base, p, point)(t), rhs)
 
 
 class MappedMap:
@@ -86,15 +85,8 @@ class MappedMap:
 
 def _unpack(z_spec: TreeSpec, q: list) -> tuple[Any, list, Any]:
     """``[*z*, *p, *rhs]`` -> ``(z*, p, rhs)`` (z* and rhs shaped like the state)."""
-    n = _count(z_spec)
+    n = leaf_count(z_spec)
     return unflatten(z_spec, q[:n]), list(q[n:-n]), unflatten(z_spec, q[-n:])
-
-
-def _count(z_spec: TreeSpec) -> int:
-    """Number of tensor leaves of a structure."""
-    if z_spec.kind == "leaf":
-        return 1
-    return sum(_count(c) for c in z_spec.children)
 
 
 # ------------------------------------------------------------------------------ the Function
@@ -109,6 +101,7 @@ class SolveSetup(NamedTuple):
     per_sample: bool
     policy: Policy
     order: int = 1
+    rows_are_problems: bool = False  # the rows are a vmapped call's problems (see `Implicit.vmap`)
 
 
 class Spec(NamedTuple):
@@ -210,7 +203,9 @@ class Implicit(ImplicitCompiled):
         params = [t if d is None else t.movedim(d, 0) for t, d in zip(tensors[n:], dims[n:], strict=True)]
         mapped = spec._replace(
             fn=MappedMap(spec.fn, [None if d is None else 0 for d in dims[n:]]),
-            setup=spec.setup._replace(per_sample=True, policy=spec.setup.policy._replace(report_only=True)),
+            setup=spec.setup._replace(
+                per_sample=True, rows_are_problems=True, policy=spec.setup.policy._replace(report_only=True)
+            ),
         )
         return Implicit.apply(mapped, *rows, *params), (0,) * spec.n_state
 

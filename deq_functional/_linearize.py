@@ -1,6 +1,6 @@
 """The products of an implicit map's Jacobians that the derivative rules need, at one point.
 
-For ``F(p, z)`` (``p`` a list of tensors, ``z`` a pytree; see ``_implicit.ImplicitMap``) at
+For ``F(p, z)`` (``p`` a list of tensors, ``z`` a pytree; the maps of ``_implicit.py``) at
 ``(p, z*)``, with ``J = ∂F/∂z`` and ``Jₚ = ∂F/∂p``, `Linearization` gives the reverse products
 ``u ↦ Jᵀu`` and ``u ↦ Jₚᵀu``, built the cheapest way that is still correct where the backward
 runs:
@@ -30,14 +30,9 @@ from typing import Any, Callable
 import torch
 
 from ._transforms import is_compiling
-from ._tree import flatten, tree_map, unflatten
+from ._tree import detached, flatten, tree_map, unflatten
 
 Map = Callable[[list, Any], Any]  # F(p, z) -> z
-
-
-def detached(tree: Any) -> Any:
-    """Every tensor leaf of ``tree`` detached: no autograd history, no forward-mode tangent."""
-    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
 
 
 class Linearization:

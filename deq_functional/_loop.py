@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 
 from ._flat import row_norms, write_slot
-from ._info import Info, make_info
+from ._info import Info, Status, make_info
 from ._stopping import RUNNING, Rule
 
 
@@ -142,11 +143,19 @@ class LoopState(NamedTuple):
         return _zip_rows(lambda dim, t, u: t.index_copy(dim, rows, u), self, sub)
 
 
+_GROUPS = {"best": 0, "trace": 1, "solver": 0}  # the fields holding tuples of tensors, and their batch dim
+
+
 def _zip_rows(fn: Callable[..., torch.Tensor], *states: LoopState) -> LoopState:
     """``fn(batch dim, *tensors)`` over the corresponding tensors of ``states`` (the trace's batch is dim 1)."""
-    plain = [fn(0, *ts) for ts in zip(*(s[:9] for s in states), strict=True)]
-    group = lambda name, dim: tuple(fn(dim, *ts) for ts in zip(*(getattr(s, name) for s in states), strict=True))  # noqa: E731
-    return LoopState._make([*plain, group("best", 0), group("trace", 1), group("solver", 0)])
+
+    def field(name: str) -> Any:
+        values = [getattr(s, name) for s in states]
+        if name not in _GROUPS:
+            return fn(0, *values)
+        return tuple(fn(_GROUPS[name], *ts) for ts in zip(*values, strict=True))
+
+    return LoopState._make([field(name) for name in LoopState._fields])
 
 
 class Loop:
@@ -237,6 +246,20 @@ class Loop:
             trace = (write_slot(trace[0], 0, k + 1, row, self.inplace),)
         return LoopState(z, gz, r, res, scale, res_min, s.res_start, status, nstep, best, trace, solver_state)
 
+    def confirm(self, s: LoopState) -> LoopState:
+        """For a solver whose residual is its own estimate (``evaluates_iterate = False``: GMRES's
+        Krylov residual): ``g`` at the final iterate, its true residual and norms, and CONVERGED
+        only where the true residual passes the rule too (else MAX_ITER; NONFINITE if it is not
+        finite). Cost: one more call of ``g``."""
+        gz = self.g(s.z)
+        r = gz - s.z
+        res, scale = row_norms(r), row_norms(gz)
+        finite = (res < math.inf) & (scale < math.inf)
+        passed = self.rule.converged(res, scale, s.res_start)
+        verdict = torch.where(finite, torch.where(passed, int(Status.CONVERGED), int(Status.MAX_ITER)), int(Status.NONFINITE))
+        status = torch.where(s.status == int(Status.CONVERGED), verdict, s.status)
+        return s._replace(gz=gz, r=r, res=res, scale=scale, status=status)
+
     def finish(self, s: LoopState, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor, Info]:
         """``(z_K, g(z_K), info)`` with final status codes; info tensors detached."""
         status = self.rule.final(s.status, s.res, s.scale, s.res_start)
@@ -255,6 +278,3 @@ class Loop:
             **{name: squeeze(extra[name]) for name in sorted(extra)},
         )
         return z, gz, info
-
-
-

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ._tree import describe, dtype_name, flatten, same_layout, unflatten
+from ._tree import detached as detach_all
 
 
 class Problem:
@@ -65,7 +66,7 @@ class Problem:
         """Param and x leaves, detached (no graph: forward solves) or as given (gradient path)."""
         if not detached:
             return self.param_leaves, self.x_leaves
-        return [_detach(t) for t in self.param_leaves], [_detach(t) for t in self.x_leaves]
+        return detach_all(self.param_leaves), detach_all(self.x_leaves)
 
     def map(self, detached: bool, rows: torch.Tensor | None = None) -> Callable[[Any], Any]:
         """``z ↦ f(params, z, x)`` (``detached``: params and x detached, see `leaves`); the params
@@ -78,10 +79,6 @@ class Problem:
             x = [t.index_select(0, rows) if t.dim() and t.shape[0] == self.batch else t for t in x]
         params, inputs = unflatten(self.param_spec, p), unflatten(self.x_spec, x)
         return lambda z: self._cast(self.f(params, z, inputs))
-
-
-def _detach(t: Any) -> Any:
-    return t.detach() if isinstance(t, torch.Tensor) else t
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -53,13 +53,14 @@ def report(policy: Policy, codes: list | None, info: Info, solver: IterativeSolv
     mask = (info.status.reshape(-1) == Status.MAX_ITER) | (info.status.reshape(-1) == Status.DIVERGED)
     worst = float(rel[mask].max())
     kinds = ", ".join(f"{n} {s.name}" for s, n in sorted(counts.items()))
-    fell_back = f"; they got JFB's gradient instead (fallback={policy.fallback!r})" if policy.fallback else ""
+    raising = policy.on_nonconvergence == "raise"
+    fell_back = f"; they got JFB's gradient instead (fallback={policy.fallback!r})" if policy.fallback and not raising else ""
     msg = (
         f"{what} did not converge: {failed} of {len(codes)} problem(s) stopped ({kinds}) "
         f"at rel_residual up to {worst:.3g} > tol {solver.tol:g} after {solver.max_iter} iterations "
         f"at most ({type(solver).__name__}){fell_back}. Try: {counts.most_common(1)[0][0].advice}."
     )
-    if policy.on_nonconvergence == "raise":
+    if raising:
         raise FixedPointError(msg)
     warnings.warn(msg, FixedPointWarning, stacklevel=5)
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ._drivers import Compaction, run_budget, run_eager, run_eager_single, run_scan, run_while_loop
+from ._drivers import Compaction, confirmed, run_budget, run_eager, run_eager_single, run_scan, run_while_loop
 from ._flat import FlatView
 from ._info import FixedPointWarning, Info
 from ._loop import IterativeSolver, Loop, StepOptions
@@ -32,6 +32,11 @@ class States:
 
     def __getitem__(self, i: int) -> Any:
         return self.view.from_flat(self.rows[i])
+
+    def at(self, i: torch.Tensor) -> Any:
+        """The iterate at a 0-dim tensor index (under compile or vmap, where ``i`` is not a number)."""
+        rows = self.rows if isinstance(self.rows, torch.Tensor) else torch.stack(self.rows)
+        return self.view.from_flat(rows.index_select(0, i.reshape(1)).squeeze(0))
 
 
 class Solution(NamedTuple):
@@ -69,12 +74,16 @@ def iterate(
     constant_mixing: bool = False,
     restrict: Callable[[torch.Tensor], Callable[[Any], Any]] | None = None,
     history_outside_loop: bool = True,
+    rows_are_problems: bool = False,
 ) -> Solution:
     """Run ``solver`` on ``z = g(z)`` from ``z0`` (``gz0 = g(z0)`` already evaluated).
 
     Args:
         per_sample: the leading dim of every leaf indexes independent problems (ignored
-            inside ``vmap``: each mapped problem is one problem of its own).
+            inside ``vmap``: each mapped problem is one problem of its own; unless
+            ``rows_are_problems``: the rows are themselves the problems of a vmapped call,
+            solved unmapped by the implicit Function's vmap rule, which an outer transform may
+            map again).
         what: names the solve in errors and warnings ("fixed_point: the forward solve").
         owner: names the caller in a bad state's ``ValueError`` ("fixed_point", "Picard", ...).
         policy: what the verdicts turn into, eagerly (see ``_report.Policy``).
@@ -95,7 +104,7 @@ def iterate(
     Cost: ``K`` calls of ``g`` plus the solver's own work, ``K ≤ solver.max_iter``.
     """
     where = regime(flatten(gz0)[0][0])
-    per_sample = per_sample and where is not Regime.MAPPED  # under vmap each mapped problem is one
+    per_sample = per_sample and (where is not Regime.MAPPED or rows_are_problems)  # under vmap, one per mapped problem
     view = FlatView(z0, per_sample, owner=owner)
     z, gz = view.to_flat(z0), view.to_flat(gz0)
     eager = where is Regime.EAGER
@@ -130,6 +139,7 @@ def iterate(
         run = run_scan(loop, start)
     else:
         run = run_budget(loop, start, keep_states=keep_states)
+    run = confirmed(loop, run)
     z, gz, info = loop.finish(run.state, per_sample)
     report(policy, run.codes, info, solver, what)
     return Solution(view.from_flat(z), view.from_flat(gz), info, States(view, run.states))
@@ -146,7 +156,9 @@ def solve_map(solver: IterativeSolver, g: Callable[[Any], Any], z0: Any, *, per_
     gz0 = g(z0)
     if not same_layout(gz0, z0):
         raise ValueError(f"{owner}: g(z) must return the structure and shapes of z; got {describe(gz0)} for z0 = {describe(z0)}")
-    out = iterate(solver, g, z0, gz0, per_sample=per_sample, what=owner, owner=owner, trace=trace)
+    # With grad mode on, the caller may backpropagate through the iterations: history out of place.
+    out = iterate(solver, g, z0, gz0, per_sample=per_sample, what=owner, owner=owner, trace=trace,
+                  graph=torch.is_grad_enabled())
     return out.answer, out.info
 
 

@@ -75,11 +75,26 @@ def _build(spec: TreeSpec, it) -> Any:
     return tuple(children)
 
 
+def leaf_count(spec: TreeSpec) -> int:
+    """Number of leaves of a structure."""
+    return 1 if spec.kind == "leaf" else sum(leaf_count(c) for c in spec.children)
+
+
 def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
     """Apply ``fn`` leafwise to ``tree`` (and trees of the same structure in ``rest``)."""
     leaves, spec = flatten(tree)
     others = [flatten(r)[0] for r in rest]
     return unflatten(spec, [fn(*args) for args in zip(leaves, *others, strict=True)])
+
+
+def detached(tree: Any) -> Any:
+    """Every tensor leaf of ``tree`` detached: no autograd history, no forward-mode tangent."""
+    return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def tree_add(a: Any, b: Any) -> Any:
+    """Leafwise ``a + b`` of two trees of the same structure."""
+    return tree_map(torch.add, a, b)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -26,13 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-
 from ._checks import check_bool, check_choice, check_int, check_real
-from ._grad_mode import ForwardCall, GradMode, ImplicitMode, add, derivative_solve, fall_back
+from ._grad_mode import ForwardCall, GradMode, ImplicitMode, derivative_solve, fall_back
 from ._implicit import AdjointMap, Spec, TangentMap, attach
-from ._linearize import Linearization, detached, jvp_params, jvp_z
-from ._tree import flatten, tree_map
+from ._linearize import Linearization, jvp_params, jvp_z
+from ._tree import detached, flatten, tree_add, tree_map
 from .solvers import Solver, as_solver
 
 
@@ -73,7 +71,7 @@ class IFT(ImplicitMode):
     """
 
     solver: Any = None
-    fallback: str | None = None  # type: ignore[assignment]
+    fallback: str | None = None
 
     def __post_init__(self) -> None:
         if self.solver is not None:
@@ -111,7 +109,7 @@ class JFB(GradMode):
     """
 
     def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
-        return call.problem.map(detached=False)(tree_map(torch.Tensor.detach, z_K))
+        return call.problem.map(detached=False)(detached(z_K))
 
 
 @dataclass(frozen=True)
@@ -138,7 +136,7 @@ class Neumann(ImplicitMode):
         u = term = cotangent
         for _ in range(self.k):
             term = lin.vjp_z(term)
-            u = add(u, term)
+            u = tree_add(u, term)
         return u
 
     def tangent(self, spec: Spec, point: Any, params: list, param_tangents: list) -> Any:
@@ -146,7 +144,7 @@ class Neumann(ImplicitMode):
         product = jvp_z(spec.fn, params, point)
         for _ in range(self.k):
             term = product(term)
-            t = add(t, term)
+            t = tree_add(t, term)
         return t
 
 
@@ -175,7 +173,7 @@ class Phantom(GradMode):
 
     def output(self, call: ForwardCall, z_K: Any, gz_K: Any) -> Any:
         step = call.problem.map(detached=False)
-        z = tree_map(torch.Tensor.detach, z_K)
+        z = detached(z_K)
         for _ in range(self.k):
             fz = step(z)
             z = fz if self.damping == 1.0 else tree_map(lambda a, b: a + self.damping * (b - a), z, fz)

@@ -180,27 +180,43 @@ def test_in_place_history_equals_eager_per_sample_with_spread_convergence(name, 
     assert counter.frame_count == 1
 
 
-def test_return_trajectory_compiles_one_iteration_and_equals_eager():
+@pytest.mark.parametrize("tol", [0.0, 1e-4])
+def test_return_trajectory_compiles_one_iteration_and_equals_eager(tol):
     """The trajectory needs every iterate: a scan over the budget, whose graph does not grow with
-    it either; with tol=0 both run exactly max_iter iterations and keep the same states."""
+    it; the states are picked over the iterations the solve took (nstep), as eagerly, also when
+    it stops before the budget (tol > 0)."""
     W, x, y = _data()
     sizes = {}
-    for max_iter in (4, 40):
+    for max_iter in (8, 40):
 
         def loss(W, x, y, max_iter=max_iter):
-            z, info = dq.fixed_point(f, {"W": W}, x, solver=dq.Anderson(max_iter=max_iter, tol=0.0), grad_mode="jfb",
+            z, info = dq.fixed_point(f, {"W": W}, x, solver=dq.Anderson(max_iter=max_iter, tol=tol), grad_mode="jfb",
                                      return_trajectory=3)
             return ((z - y) ** 2).sum() + sum(t.square().sum() for t in info.trajectory), info
 
         torch._dynamo.reset()
         backend = GraphSize()
         (lc, gc, ic), (le, ge, ie) = _run(torch.compile(loss, fullgraph=True, backend=backend), W, x, y), _run(loss, W, x, y)
+        assert int(ie.nstep) == (max_iter if tol == 0 else int(ie.nstep)) and (tol == 0 or int(ie.nstep) < max_iter)
         torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
         for a, b in zip(ic.trajectory, ie.trajectory, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         sizes[max_iter] = backend.nodes
-    assert sizes[4] == sizes[40] and len(sizes[4]) == 1
+    assert sizes[8] == sizes[40] and len(sizes[8]) == 1
+
+
+def test_return_trajectory_under_vmap_picks_each_problems_own_iterations():
+    W, x, _ = _data()
+    solver = dq.Anderson(max_iter=40, tol=1e-4)
+
+    def one(xi):
+        z, info = dq.fixed_point(f, {"W": W}, xi, solver=solver, grad_mode="jfb", return_trajectory=3)
+        return torch.stack(info.trajectory)
+
+    mapped = torch.func.vmap(one)(x)
+    for i in range(B):
+        torch.testing.assert_close(mapped[i], one(x[i]), rtol=1e-5, atol=1e-6)
 
 
 def test_a_huge_budget_still_exits_early():

@@ -42,7 +42,7 @@ def test_restarted_gmres_converges_and_a_restart_costs_one_evaluation():
     assert float(info.rel_residual) == pytest.approx(true_rel_residual(g, u), rel=1e-3)
     calls = []
     dq.GMRES(max_iter=13, tol=0.0, restart=5)(lambda u: calls.append(1) or g(u), torch.zeros(30, dtype=F64))
-    assert len(calls) == 1 + 13  # g(z0), then one call per iteration (5 + (1 + 5) + (1 + 1))
+    assert len(calls) == 1 + 13 + 1  # g(z0), one per iteration (5 + (1 + 5) + (1 + 1)), one to confirm the last
 
 
 def test_a_stagnating_residual_ends_max_iter_never_diverged():
@@ -55,6 +55,40 @@ def test_a_stagnating_residual_ends_max_iter_never_diverged():
         u, info = solver(lambda u: A @ u + b, torch.zeros(n, dtype=F64))
         assert dq.Status(int(info.status)) is dq.Status.MAX_ITER and int(info.nstep) == 60
         assert float(info.residual) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("restart", [1, 3, 8])
+def test_no_nan_from_an_exact_start_a_breakdown_or_tol_zero(restart):
+    """A zero residual (β = 0), an exact solution found early (the Krylov space invariant: a zero
+    Hessenberg column follows) and tol=0 running past it: never NaN (DESIGN: a zero residual
+    must not produce NaN)."""
+    g = lambda u: 0.5 * u + 1.0  # noqa: E731  (I − A) = I/2: GMRES is exact after one step
+    u, info = dq.GMRES(max_iter=12, tol=0.0, restart=restart)(g, torch.zeros(3, dtype=F64))
+    assert torch.isfinite(u).all() and int(info.status) == int(dq.Status.CONVERGED) and int(info.nstep) == 12
+    torch.testing.assert_close(u, torch.full((3,), 2.0, dtype=F64))
+    u, info = dq.GMRES(max_iter=5, tol=0.0, restart=restart)(g, torch.full((3,), 2.0, dtype=F64))  # z0 exact
+    assert torch.isfinite(u).all() and float(info.residual) == 0.0
+
+
+def test_a_singular_system_ends_max_iter_not_nan():
+    """g(u) = u + 1: I − A = 0, no fixed point: every Arnoldi column is zero."""
+    u, info = dq.GMRES(max_iter=10, tol=1e-8)(lambda u: u + 1.0, torch.zeros(4, dtype=F64))
+    assert torch.isfinite(u).all() and dq.Status(int(info.status)) is dq.Status.MAX_ITER
+
+
+def test_converged_means_the_true_residual_passes():
+    """float32 and I − A symmetric with condition 1e4: the Krylov residual falls below what float32
+    arithmetic reaches; the verdict is checked against g itself, once, at the last iterate."""
+    n = 30
+    q = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=torch.Generator().manual_seed(8)))[0]
+    A = (torch.eye(n, dtype=F64) - q @ torch.diag(torch.logspace(-4, 0, n, dtype=F64)) @ q.T).float()  # ‖A‖ < 1
+    b = torch.randn(n, generator=torch.Generator().manual_seed(9))
+    g = lambda u: A @ u + b  # noqa: E731
+    u, info = dq.GMRES(max_iter=200, tol=1e-4, restart=40)(g, torch.zeros(n))
+    assert bool(info.converged)  # u = g(z_K): one more step of g, whose residual ‖A r‖ ≤ ‖r‖
+    assert float((g(u) - u).norm()) <= 1e-4 * float(g(u).norm())
+    _, info = dq.GMRES(max_iter=200, tol=1e-9, restart=40)(g, torch.zeros(n))  # below float32's reach
+    assert dq.Status(int(info.status)) is dq.Status.MAX_ITER and float(info.rel_residual) > 1e-9
 
 
 def test_per_problem_with_different_steps_and_equal_under_vmap_and_compile():
@@ -236,6 +270,27 @@ def test_without_fallback_the_failing_rows_are_not_jfb():
     _, _, _, gx_plain = fallback_grads(None)
     _, _, _, gx_jfb = fallback_grads("jfb")
     assert torch.equal(gx_plain[[0, 2]], gx_jfb[[0, 2]]) and not torch.allclose(gx_plain[[1, 3]], gx_jfb[[1, 3]])
+
+
+def test_fallback_per_problem_under_jacrev_of_vmap():
+    """The derivative solves of a vmapped call keep one problem per mapped row even when an
+    outer transform (jacrev's vmap over the cotangent basis) maps the rule again: only the
+    failing rows fall back."""
+    x = 0.1 * torch.arange(12, dtype=F64).reshape(4, 3) - 0.5
+
+    def rows(x):
+        def one(ai, xi):
+            return dq.fixed_point(
+                scalar_layer, {"a": ai}, xi, solver=dq.Broyden(max_iter=100, tol=1e-13),
+                grad_mode=dq.IFT(solver=dq.Picard(max_iter=200, tol=1e-12), fallback="jfb"),
+            )[0]
+
+        return torch.sin(tf.vmap(one)(A_PER_SAMPLE, x)).sum(dim=1)  # (4,): one value per row
+
+    # a cotangent on every row at once (jacrev of a 1-element output: one basis vector, still a vmap)
+    jac = tf.jacrev(lambda x: rows(x).sum().reshape(1))(x)[0]  # (4, 3)
+    _, _, _, want = fallback_grads("jfb")  # each row: IFT's or JFB's gradient, per row
+    torch.testing.assert_close(jac, want, rtol=1e-9, atol=1e-12)
 
 
 def test_fallback_per_problem_under_vmap():

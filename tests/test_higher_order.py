@@ -196,14 +196,21 @@ def double_backward_penalty_oracle(case: Case, x: torch.Tensor) -> list:
     return list(torch.autograd.grad(gx.square().sum(), [p["W"], p["U"], p["b"]]))
 
 
-def test_plain_backward_builds_no_graph_of_the_adjoint():
-    """First order keeps its fast path: after ``loss.backward()`` the gradients carry no graph,
-    and with ``create_graph=True`` they do (the differentiable path)."""
+def test_plain_backward_takes_the_no_graph_path(monkeypatch):
+    """First order keeps its fast path: a plain backward linearises f once on detached leaves
+    (``Linearization._graph_grads``) and its gradients carry no graph; with ``create_graph=True``
+    the differentiable path runs instead (torch.func products) and the gradients carry one."""
+    from deq_functional._linearize import Linearization
+
+    calls = []
+    original = Linearization._graph_grads
+    monkeypatch.setattr(Linearization, "_graph_grads", lambda self, u, z: calls.append(z) or original(self, u, z))
     case = Case("tensor")
     p = {k: v.clone().requires_grad_() for k, v in case.p.items()}
     z = case.solve(p, case.x, solver=dq.Anderson(max_iter=200, tol=1e-13))
     (gW,) = torch.autograd.grad(case.loss(z), p["W"])
-    assert gW.grad_fn is None
+    assert gW.grad_fn is None and calls.count(True) > 3 and calls.count(False) == 1  # adjoint steps, then weights
+    calls.clear()
     z = case.solve(p, case.x, solver=dq.Anderson(max_iter=200, tol=1e-13))
     (gW,) = torch.autograd.grad(case.loss(z), p["W"], create_graph=True)
-    assert gW.grad_fn is not None
+    assert gW.grad_fn is not None and not calls

@@ -191,4 +191,3 @@ def test_anderson_ridge_is_relative_so_the_iterations_do_not_depend_on_the_scale
         assert bool(info.converged)
         counts.append(int(info.nstep))
     assert counts[0] == counts[1] == counts[2], counts
-

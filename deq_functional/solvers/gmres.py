@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .._checks import check_int, check_real
-from .._flat import combine, first_slots, project, row_norms, used_slots, work_dtype, write_slot
+from .._checks import check_int
+from .._flat import combine, first_slots, project, row_norms, slot_mask, used_slots, work_dtype, write_slot
 from ._base import Solver
 
 
@@ -28,27 +28,28 @@ def _phase(k: Any, restart: int) -> tuple[Any, Any]:
     return (k >= m) & (t == 0), torch.where(k < m, k, (t - 1).clamp(min=0))
 
 
-def least_squares(hessenberg: torch.Tensor, beta: torch.Tensor, cols: Any) -> torch.Tensor:
+def least_squares(hessenberg: torch.Tensor, beta: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     r"""``y = argmin ‖β e₁ − H y‖`` over the Arnoldi columns in use, by a QR factorisation.
 
     Args:
         hessenberg: ``(B, m+1, m)`` upper Hessenberg ``H`` (columns not in use are zero).
         beta: ``(B,)`` the cycle's initial residual norm ``β``.
-        cols: the columns in use, from `first_slots`: an int ``n`` (sliced: ``H[:, :n+1, :n]``)
-            or an ``(m,)`` bool mask (the other columns become ``e_{c+1}``, which leaves the
-            used block's solution unchanged and gives ``y_c = 0`` for them).
+        cols: ``(m,)`` bool mask of the columns in use; the others become ``e_{c+1}``, which
+            leaves the used block's solution unchanged and gives ``y_c = 0`` for them. (One
+            padded ``(m+1) × m`` system eagerly and compiled, so both round alike.)
 
     Returns:
-        ``(B, n)`` or ``(B, m)`` coefficients ``y`` (zero on unused columns). Cost ``O(B m³)``.
+        ``(B, m)`` coefficients ``y`` (zero on unused columns). A column with no component of
+        its own (``R_cc = 0``: a breakdown, where the Krylov space became invariant and the
+        solution is already in it, or ``β = 0``) gets ``y_c = 0`` rather than 0/0. Cost ``O(B m³)``.
     """
-    if isinstance(cols, int):
-        h = hessenberg[:, : cols + 1, :cols]
-    else:
-        m = hessenberg.shape[2]
-        shift = torch.eye(m + 1, m + 1, dtype=hessenberg.dtype, device=hessenberg.device)[:, 1:]  # e_{c+1}
-        h = torch.where(cols, hessenberg, shift)
-    q, r = torch.linalg.qr(h)
-    rhs = (beta[:, None] * q[:, 0, :]).unsqueeze(2)  # Qᵀ β e₁
+    m = hessenberg.shape[2]
+    shift = torch.eye(m + 1, m + 1, dtype=hessenberg.dtype, device=hessenberg.device)[:, 1:]  # e_{c+1}
+    q, r = torch.linalg.qr(torch.where(cols, hessenberg, shift))
+    diag = r.diagonal(dim1=1, dim2=2)
+    live = diag.abs() > torch.finfo(r.dtype).eps * diag.abs().amax(dim=1, keepdim=True)
+    r = r + torch.diag_embed(torch.where(live, 0.0, 1.0 - diag))  # a dead column's pivot becomes 1 ...
+    rhs = torch.where(live, beta[:, None] * q[:, 0, :], 0.0).unsqueeze(2)  # ... with right-hand side 0 (Qᵀ β e₁)
     return torch.linalg.solve_triangular(r, rhs, upper=True).squeeze(2)
 
 
@@ -69,23 +70,27 @@ class GMRES(Solver):
     ``V = [v₀ … v_j]`` of ``(I − A)`` from ``v₀ = r/‖r‖`` by one Arnoldi step (classical
     Gram–Schmidt, twice: as stable as modified Gram–Schmidt, and batched), then takes the
     iterate ``u = u_c + V y`` that minimises the residual, ``y = argmin ‖β e₁ − H y‖``
-    (``H`` the ``(j+2) × (j+1)`` Hessenberg matrix, ``β = ‖r‖``). The residual it reports is
-    the Krylov residual ``V_{j+1}(β e₁ − H y)``, which equals ``g(u) − u`` for an affine
-    ``g``. After ``restart`` steps the cycle restarts from the iterate, whose true residual
-    costs one more call of ``g`` (so a cycle after the first is ``restart + 1`` iterations).
-    With ``restart ≥`` the dimension of the problem it is full GMRES: exact after that many
-    steps, in exact arithmetic.
+    (``H`` the ``(j+2) × (j+1)`` Hessenberg matrix, ``β = ‖r‖``). While iterating, the loop
+    stops on the Krylov residual ``V_{j+1}(β e₁ − H y)``, which equals ``g(u) − u`` for an
+    affine ``g`` in exact arithmetic; after ``restart`` steps the cycle restarts from the
+    iterate, whose true residual costs one more call of ``g`` (so a cycle after the first is
+    ``restart + 1`` iterations); and when the loop ends, ``g`` runs once more at the last
+    iterate: ``info.residual`` and the answer ``g(u_K)`` are the true ones, and a problem is
+    CONVERGED only if that true residual passes too (else MAX_ITER). With ``restart ≥`` the
+    dimension of the problem it is full GMRES: exact after that many steps, in exact
+    arithmetic; a breakdown (the solution reached early) leaves the later columns inert.
 
     Use it where fixed-point iteration cannot solve the adjoint: ``IFT(solver=dq.GMRES())``
     converges whenever ``I − Jᵀ`` is invertible, also when ``ρ(J) > 1`` (a forward solved by
-    Anderson or Broyden beyond Picard's reach), where a Picard adjoint diverges. The residual
-    never grows within a cycle and restarts keep it, so a residual that only stagnates ends
-    MAX_ITER, never DIVERGED (``divergence_ratio`` is off by default). ``g`` must be affine:
+    Anderson or Broyden beyond Picard's reach), where a Picard adjoint diverges. The Krylov
+    residual never grows within a cycle, and each cycle starts from the last one's iterate,
+    so a residual that stagnates ends MAX_ITER, never DIVERGED (``divergence_ratio`` is off by
+    default). ``g`` must be affine:
     as the forward solver of ``fixed_point`` (a nonlinear map) it is refused.
     State of fixed shape (runs inside ``torch.while_loop``): the basis ``(B, m+1, D)`` and
     ``H`` ``(B, m+1, m)``, ``m = restart``; half-precision states work in float32.
     Cost per iteration: one ``g`` call, ``O(B m D)`` (Gram–Schmidt twice, the iterate and its
-    residual) and an ``(m+1) × m`` QR; memory ``(m + 4) B D``.
+    residual) and an ``(m+1) × m`` QR; one more ``g`` call per solve; memory ``(m + 4) B D``.
 
     Attributes:
         max_iter: iteration budget (calls of ``g``), see ``Solver`` for the keyword options.
@@ -115,7 +120,6 @@ class GMRES(Solver):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("GMRES", "restart", self.restart, 1)
-        check_real("GMRES", "divergence_ratio", self.divergence_ratio, 1.0, math.inf, open_low=True)
 
     def init(self, z, gz):
         """``(V, H, u_c, r_c norm β, origin u₀, g(u₀), shift s)``: the cycle's start ``u_c`` and the
@@ -142,7 +146,8 @@ class GMRES(Solver):
         return torch.where(restarting, z, arnoldi), state
 
     def observe(self, state, p, gp, k, opts):
-        """From ``g(p)``: the next iterate and its image ``(u, g(u) = u + r)``, and the new state."""
+        """From ``g(p)``: the next iterate ``u``, its image estimated as ``u + r`` (``r`` the Krylov
+        residual, exact for an affine ``g`` up to rounding), and the new state."""
         basis, hessenberg, start, beta, origin, g_origin, shift = state
         restarting, j = _phase(k, self.restart)
         dtype = basis.dtype
@@ -187,12 +192,13 @@ class GMRES(Solver):
         basis = write_slot(basis, 1, j + 1, v_next, opts.inplace)
         hessenberg = write_slot(hessenberg, 2, j, h, opts.inplace)
         cols = first_slots(j + 1, self.restart, basis.device)
-        y = least_squares(hessenberg, beta, cols)  # (B, n) or (B, m)
+        y = used_slots(least_squares(hessenberg, beta, slot_mask(cols, self.restart, basis.device)).unsqueeze(2), cols)
+        y = y.squeeze(2)  # (B, n) eagerly, (B, m) compiled
         n = y.shape[1]
         hy = torch.bmm(hessenberg[:, : n + 1, :n], y.unsqueeze(2)).squeeze(2)
         y_ext = torch.nn.functional.pad(y, (0, 1))  # (B, n+1)
         g = beta[:, None] * _onehot(0, hy) - hy  # β e₁ − H y: the residual's coefficients
-        # one pass over the basis for both u = start + V y and g(u) = u + r = start + V (y + β e₁ − H y)
+        # one pass over the basis for both u = start + V y and u + r = start + V (y + β e₁ − H y)
         both = torch.bmm(torch.stack([y_ext, y_ext + g], dim=1), basis[:, : n + 1]) + start[:, None]
         u, gu = both.unbind(1)
         return u, gu, (basis, hessenberg, start, beta, origin, g_origin, shift)
