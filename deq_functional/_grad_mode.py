@@ -19,7 +19,7 @@ from ._linearize import Linearization
 from ._problem import Problem
 from ._report import Policy
 from ._solve import Solution, iterate
-from ._transforms import LOOP_MUTATION_WITH_FUNC, inside_vmap, is_compiling
+from ._transforms import inside_vmap, is_compiling
 from ._tree import detached, flatten, tree_add, tree_map
 
 if TYPE_CHECKING:  # annotations only: the solvers sit above the solve this module runs
@@ -125,8 +125,7 @@ def derivative_solve(spec: Spec, product: Any, rhs: Any, kind: str) -> Solution:
         zeros = tree_map(torch.zeros_like, rhs)
         return iterate(
             setup.solver, lambda v: tree_add(product(v), rhs), zeros, rhs,
-            per_sample=setup.per_sample, what=what, policy=setup.policy, history_outside_loop=LOOP_MUTATION_WITH_FUNC,
-            rows_are_problems=setup.rows_are_problems,
+            per_sample=setup.per_sample, what=what, policy=setup.policy, rows_are_problems=setup.rows_are_problems,
         )
 
 

@@ -16,7 +16,7 @@ from ._flat import FlatView
 from ._info import FixedPointWarning, Info
 from ._loop import IterativeSolver, Loop, StepOptions
 from ._report import IGNORE, Policy, report
-from ._transforms import Regime, regime
+from ._transforms import CAPTURED_LOOP_WRITES, Regime, regime
 from ._tree import describe, flatten, same_layout
 
 
@@ -73,7 +73,7 @@ def iterate(
     graph: bool = False,
     constant_mixing: bool = False,
     restrict: Callable[[torch.Tensor], Callable[[Any], Any]] | None = None,
-    history_outside_loop: bool = True,
+    history_outside_loop: bool = CAPTURED_LOOP_WRITES,
     rows_are_problems: bool = False,
 ) -> Solution:
     """Run ``solver`` on ``z = g(z)`` from ``z0`` (``gz0 = g(z0)`` already evaluated).
@@ -92,7 +92,8 @@ def iterate(
             are written out of place and, under compile, the masked budget runs.
         constant_mixing: see ``StepOptions``.
         history_outside_loop: under compile, the solver's history may live outside the
-            ``torch.while_loop`` carries, written in place (no grad; see `run_while_loop`).
+            ``torch.while_loop`` carries, written in place (no grad; see `run_while_loop`);
+            default: on torch ≥ 2.14 (``_transforms.CAPTURED_LOOP_WRITES``).
         restrict: ``rows -> g`` of those problems only (``rows`` a 1-D index into the batch):
             lets an eager per-sample solve continue on its running problems once they are at
             most ``solver.compact_below`` of the batch (``fixed_point``'s forward solve).

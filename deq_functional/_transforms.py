@@ -44,10 +44,11 @@ class Regime(enum.Enum):
     MAPPED = "mapped"  # inside vmap: fixed masked budget, nothing read
 
 
-# torch 2.13 fails to trace (functorch "layer.key() == TransformType::Functionalize INTERNAL
-# ASSERT") a torch.while_loop body that both writes a buffer it closes over and runs a torch.func
-# transform (IFT's re-linearised vjp); 2.14.1 traces it.
-LOOP_MUTATION_WITH_FUNC = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+# Whether a no-grad torch.while_loop body may write buffers it closes over (the solver history,
+# see _drivers.run_while_loop). torch 2.13 traces such writes, but fails (functorch "layer.key() ==
+# TransformType::Functionalize INTERNAL ASSERT") when the body also runs a torch.func transform:
+# IFT's re-linearised vjp, or an f that uses vmap / jvp itself. 2.14.1 traces both.
+CAPTURED_LOOP_WRITES = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
 
 
 def is_compiling() -> bool:
