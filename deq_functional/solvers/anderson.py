@@ -3,40 +3,74 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
 from .._checks import check_finite_real, check_int, check_real
-from .._flat import combine, first_slots, project, slot_mask, used_slots, work_dtype, write_slot
+from .._flat import combine, first_slots, project, used_slots, work_dtype, write_slot
 from ._base import Solver
 
 
-def mixing_coefficients(gram: torch.Tensor, slots: torch.Tensor, lam: float) -> torch.Tensor:
+def mixing_coefficients(gram: torch.Tensor, slots: torch.Tensor | int, lam: float) -> torch.Tensor:
     r"""Solve ``min_α ‖Σᵢ αᵢ rᵢ‖²`` s.t. ``Σᵢ αᵢ = 1`` over the history slots in use.
 
     Args:
         gram: ``(B, m, m)`` Gram matrix ``H = R Rᵀ`` of the residual history ``rᵢ = g(zᵢ) − zᵢ``.
-        slots: ``(m,)`` bool mask of the slots that hold history (entries of other slots ignored).
+        slots: the slots that hold history: the first ``n`` (an int, eagerly) or an ``(m,)`` bool
+            mask (traced); entries of other slots are ignored: their rows and columns become the
+            identity, with right-hand side 0. With ``n = m`` the same system without masking ops.
         lam: ridge λ relative to ``s = mean(diag H)`` over the slots in use; it stays relative
             as the residuals shrink, so Anderson does not degrade into averaging near convergence.
 
     Returns:
         ``(B, m)`` coefficients α summing to 1, zero on unused slots, from ``(H/s + (λ+ε)I) w = 1``
         on the used block, ``α = w / Σw`` (ε the dtype's epsilon keeps an all-zero history
-        finite); unused rows and columns become the identity with right-hand side 0. With one
-        slot in use this is ``α = (1, 0, …)``: damped Picard. One formulation eagerly and
-        compiled, so both give the same α to the last bit (eagerly too the system is the padded
-        ``m × m`` one: the LU of a smaller system rounds differently). Cost ``O(B m³)``;
-        ``solve_ex`` never syncs with the host.
+        finite). With one slot in use this is ``α = (1, 0, …)``: damped Picard. The system is
+        always the padded ``m × m`` one, eagerly and compiled, so both round alike (the LU of a
+        smaller system rounds differently); with every slot in use both forms give the same
+        numbers. Cost ``O(B m³)``; ``solve_ex`` never syncs with the host.
     """
     tiny, eps = torch.finfo(gram.dtype).tiny, torch.finfo(gram.dtype).eps
-    scale = (gram.diagonal(dim1=1, dim2=2) * slots).sum(dim=1) / slots.sum() + tiny
-    system = torch.where(slots[:, None] & slots[None, :], gram / scale[:, None, None], 0.0)
-    system = system + torch.diag_embed(torch.where(slots, lam + eps, 1.0).to(gram.dtype))
-    rhs = slots.to(gram.dtype)[:, None].expand(gram.shape[0], -1, 1)
+    if isinstance(slots, int) and slots == gram.shape[1]:
+        scale = gram.diagonal(dim1=1, dim2=2).sum(dim=1) / gram.shape[1] + tiny
+        system = gram / scale[:, None, None]
+        system.diagonal(dim1=1, dim2=2).add_(lam + eps)
+        rhs = torch.ones_like(system[:, :, :1])
+    else:
+        pad = _padding(slots, gram.shape[1], lam + eps, gram.dtype, gram.device)
+        scale = (gram.diagonal(dim1=1, dim2=2) * pad.weights).sum(dim=1) / pad.count + tiny
+        system = torch.where(pad.block, gram / scale[:, None, None], 0.0) + pad.diagonal
+        rhs = pad.weights[:, None].expand(gram.shape[0], -1, 1)
     w = torch.linalg.solve_ex(system, rhs, check_errors=False).result[..., 0]
     return w / w.sum(dim=1, keepdim=True)
+
+
+class _Padding(NamedTuple):
+    """What pads the mixing system of the used slots to ``m × m``: the slots as weights ``(m,)``
+    (1 used, 0 not), their count, the used block's mask ``(m, m)``, and the diagonal to add
+    (``λ + ε`` on used slots, 1 on the others)."""
+
+    weights: torch.Tensor
+    count: torch.Tensor
+    block: torch.Tensor
+    diagonal: torch.Tensor
+
+
+_PADDINGS: dict[tuple, _Padding] = {}  # eagerly: one per (m, slots in use, ridge, dtype, device)
+
+
+def _padding(slots: torch.Tensor | int, m: int, ridge: float, dtype: torch.dtype, device: torch.device) -> _Padding:
+    """`_Padding` of the first ``slots`` of ``m`` (an int: eagerly, built once per count and kept)
+    or of a slot mask (a tensor of a traced loop): the same numbers either way."""
+    if isinstance(slots, int):
+        key = (m, slots, ridge, dtype, device)
+        if key not in _PADDINGS:
+            _PADDINGS[key] = _padding(torch.arange(m, device=device) < slots, m, ridge, dtype, device)
+        return _PADDINGS[key]
+    weights = slots.to(dtype)
+    diagonal = torch.diag_embed(torch.where(slots, ridge, 1.0).to(dtype))
+    return _Padding(weights, weights.sum(), slots[:, None] & slots[None, :], diagonal)
 
 
 @dataclass(frozen=True)
@@ -97,7 +131,7 @@ class Anderson(Solver):
         row = project(residuals, r)  # (B, m): rᵢ · r, the one new Gram row
         gram = write_slot(write_slot(gram, 1, slot, row, opts.inplace), 2, slot, row, opts.inplace)
         slots = first_slots(k + 1, self.m, z.device)
-        alpha = mixing_coefficients(gram, slot_mask(slots, self.m, z.device), self.lam)
+        alpha = mixing_coefficients(gram, slots, self.lam)
         alpha = used_slots(alpha.unsqueeze(2), slots).squeeze(2)  # eagerly: the first n columns
         if opts.constant_mixing:
             # Unrolled: differentiate through the iterates, not through α. dα/dθ multiplies
