@@ -1,4 +1,4 @@
-"""The problem ``z = f(params, z, x)``: its tensors as flat leaves and the one way to call f.
+"""The problem ``z = f(params, z, x)``: its tensors as flat leaves, and calls of f cast to the state's dtypes.
 
 ``Problem`` keeps the tensor leaves of ``params`` and ``x`` as flat lists so the implicit
 ``autograd.Function`` can receive each one as an input (the torch.func rule), and calls
@@ -40,7 +40,8 @@ class Problem:
         return len(self.z_dtypes)
 
     def call(self, param_leaves: list, z: Any, x_leaves: list) -> Any:
-        """``f(params, z, x)`` with each output leaf cast to the state's dtype: the one way to call f."""
+        """``f(params, z, x)`` on leaves, each output leaf cast to the state's dtype (as `map` and
+        `first_call` cast theirs)."""
         return self._cast(self._f(param_leaves, z, x_leaves))
 
     def first_call(self, z0: Any, *, detached: bool, z0_given: bool) -> Any:

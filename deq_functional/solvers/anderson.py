@@ -8,7 +8,7 @@ from typing import ClassVar, NamedTuple
 import torch
 
 from .._checks import check_finite_real, check_int, check_real
-from .._flat import combine, first_slots, project, used_slots, work_dtype, write_slot
+from .._flat import combine, first_slots, project, slot_mask, used_slots, work_dtype, write_slot
 from ._base import Solver
 
 
@@ -66,7 +66,7 @@ def _padding(slots: torch.Tensor | int, m: int, ridge: float, dtype: torch.dtype
     if isinstance(slots, int):
         key = (m, slots, ridge, dtype, device)
         if key not in _PADDINGS:
-            _PADDINGS[key] = _padding(torch.arange(m, device=device) < slots, m, ridge, dtype, device)
+            _PADDINGS[key] = _padding(slot_mask(slots, m, device), m, ridge, dtype, device)
         return _PADDINGS[key]
     weights = slots.to(dtype)
     diagonal = torch.diag_embed(torch.where(slots, ridge, 1.0).to(dtype))
