@@ -24,26 +24,27 @@ def mixing_coefficients(gram: torch.Tensor, slots: torch.Tensor | int, lam: floa
             as the residuals shrink, so Anderson does not degrade into averaging near convergence.
 
     Returns:
-        ``(B, m)`` coefficients α summing to 1, zero on unused slots, from ``(H/s + (λ+ε)I) w = 1``
-        on the used block, ``α = w / Σw`` (ε the dtype's epsilon keeps an all-zero history
-        finite). With one slot in use this is ``α = (1, 0, …)``: damped Picard. The system is
-        always the padded ``m × m`` one, eagerly and compiled, so both round alike (the LU of a
-        smaller system rounds differently); with every slot in use both forms give the same
-        numbers. Cost ``O(B m³)``; ``solve_ex`` never syncs with the host.
+        ``(B, m)`` coefficients α in ``gram``'s dtype, summing to 1, zero on unused slots, from
+        ``(H/s + (λ+ε)I) w = 1`` on the used block, ``α = w / Σw`` (ε the dtype's epsilon keeps an
+        all-zero history finite). With one slot in use this is ``α = (1, 0, …)``: damped Picard.
+        The system is always the padded ``m × m`` one and is solved in float64 (`solve_small_spd`),
+        eagerly and compiled, so both give the same α in float32 (see there). Cost ``O(B m³)``;
+        nothing syncs with the host.
     """
     tiny, eps = torch.finfo(gram.dtype).tiny, torch.finfo(gram.dtype).eps
-    if isinstance(slots, int) and slots == gram.shape[1]:
-        scale = gram.diagonal(dim1=1, dim2=2).sum(dim=1) / gram.shape[1] + tiny
-        system = gram / scale[:, None, None]
+    h = gram.to(_solve_dtype(gram.device))
+    if isinstance(slots, int) and slots == h.shape[1]:  # every slot in use: no masking ops
+        scale = h.diagonal(dim1=1, dim2=2).sum(dim=1) / h.shape[1] + tiny
+        system = h / scale[:, None, None]
         system.diagonal(dim1=1, dim2=2).add_(lam + eps)
         rhs = torch.ones_like(system[:, :, :1])
     else:
-        pad = _padding(slots, gram.shape[1], lam + eps, gram.dtype, gram.device)
-        scale = (gram.diagonal(dim1=1, dim2=2) * pad.weights).sum(dim=1) / pad.count + tiny
-        system = torch.where(pad.block, gram / scale[:, None, None], 0.0) + pad.diagonal
-        rhs = pad.weights[:, None].expand(gram.shape[0], -1, 1)
-    w = torch.linalg.solve_ex(system, rhs, check_errors=False).result[..., 0]
-    return w / w.sum(dim=1, keepdim=True)
+        pad = _padding(slots, h.shape[1], lam + eps, h.dtype, h.device)
+        scale = (h.diagonal(dim1=1, dim2=2) * pad.weights).sum(dim=1) / pad.count + tiny
+        system = torch.where(pad.block, h / scale[:, None, None], 0.0) + pad.diagonal
+        rhs = pad.weights[:, None].expand(h.shape[0], -1, 1)
+    w = solve_small_spd(system, rhs)
+    return (w / w.sum(dim=1, keepdim=True)).to(gram.dtype)
 
 
 class _Padding(NamedTuple):
@@ -61,16 +62,61 @@ _PADDINGS: dict[tuple, _Padding] = {}  # eagerly: one per (m, slots in use, ridg
 
 
 def _padding(slots: torch.Tensor | int, m: int, ridge: float, dtype: torch.dtype, device: torch.device) -> _Padding:
-    """`_Padding` of the first ``slots`` of ``m`` (an int: eagerly, built once per count and kept)
-    or of a slot mask (a tensor of a traced loop): the same numbers either way."""
+    """`_Padding` of the first ``slots`` of ``m`` (an int: eagerly, built once per count and kept;
+    traced, built in the graph: a cache written while tracing would fail Dynamo's guards) or of a
+    slot mask (a tensor of a traced loop): the same numbers either way."""
     if isinstance(slots, int):
+        if torch.compiler.is_compiling():
+            return _padding(slot_mask(slots, m, device), m, ridge, dtype, device)
         key = (m, slots, ridge, dtype, device)
         if key not in _PADDINGS:
             _PADDINGS[key] = _padding(slot_mask(slots, m, device), m, ridge, dtype, device)
         return _PADDINGS[key]
     weights = slots.to(dtype)
-    diagonal = torch.diag_embed(torch.where(slots, ridge, 1.0).to(dtype))
+    ridge_or_one = torch.where(slots, torch.full((m,), ridge, dtype=dtype, device=device), 1.0)  # ridge in dtype
+    diagonal = torch.diag_embed(ridge_or_one)
     return _Padding(weights, weights.sum(), slots[:, None] & slots[None, :], diagonal)
+
+
+def _solve_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the mixing system, except where the device has none (MPS: float32)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def solve_small_spd(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    r"""``w = A⁻¹ b`` for a batch of small symmetric positive definite systems: ``(B, m, m)``,
+    ``(B, m, 1)`` -> ``(B, m)``.
+
+    Eagerly one ``torch.linalg.solve_ex`` (LU; never syncs). Traced by ``torch.compile`` a
+    Gauss–Jordan elimination written in elementwise ops (`gauss_jordan`), which inductor fuses
+    into the loop body, where ``solve_ex`` is an external call that costs more than the rest of
+    the mixing step (MLP: 318 → 269 µs per compiled Anderson iteration). The two round
+    differently; in float64 (what `mixing_coefficients` solves in) their difference is far below
+    float32's resolution, so the float32 α they give are the same numbers but where a rounding
+    boundary falls between the two float64 values, and then one rounding step apart (measured:
+    1 coefficient in 144,000 over Gram conditions up to the ridge's limit; tests/test_mixing.py):
+    compiled and eager iterate alike. A float64 state's α differ by float64 rounding.
+    """
+    if torch.compiler.is_compiling():
+        return gauss_jordan(system, rhs)
+    return torch.linalg.solve_ex(system, rhs, check_errors=False).result[..., 0]
+
+
+def gauss_jordan(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    r"""Gauss–Jordan elimination without pivoting: ``(B, m, m)``, ``(B, m, 1)`` -> ``(B, m)``.
+
+    Step ``j`` divides row ``j`` of ``[A | b]`` by its pivot and subtracts its multiples from the
+    other rows; after ``m`` steps the last column is ``A⁻¹ b``. Without pivoting this needs
+    nonzero pivots, which a symmetric positive definite ``A`` has (its Schur complements are
+    positive definite). ``3m`` elementwise ops on ``(B, m, m+1)``, no reduction, no host sync.
+    """
+    m = system.shape[1]
+    aug = torch.cat([system, rhs], dim=2)
+    row = torch.arange(m, device=system.device)[:, None]
+    for j in range(m):
+        pivot_row = aug[:, j : j + 1] / aug[:, j : j + 1, j : j + 1]
+        aug = torch.where(row == j, pivot_row, aug - aug[:, :, j : j + 1] * pivot_row)
+    return aug[:, :, m]
 
 
 @dataclass(frozen=True)
@@ -83,7 +129,7 @@ class Anderson(Solver):
     Iteration 0 (one valid slot) is damped Picard; with ``m = 1`` every step is.
     The history lives in ring buffers ``(B, m, D)`` of ``g(zᵢ)`` and ``rᵢ`` with a validity
     mask, so the state has a fixed shape (``torch.while_loop``); half-precision states keep
-    their history and the ``m × m`` solve in float32.
+    their history in float32; the ``m × m`` system is solved in float64.
     Cost per iteration: one ``g`` call, ``O(B m D)`` (one new Gram row, the combination;
     a second combination when ``β < 1``) and an ``m × m`` solve; memory ``2 m B D``.
 
