@@ -5,11 +5,13 @@ stopping rule, readout, cross-entropy, gradients of every parameter, SGD with lr
 ``jax.jit``, JFB or IFT (a ``jax.custom_vjp`` whose adjoint is the same Anderson on vjps).
 Ours: ``workloads.TrainStep`` of ``workloads.ours_loss`` (eager), and of
 ``torch.compile(loss_fn, fullgraph=True)`` with ``backward()`` and the SGD step outside, as in
-``bench_compile.py``. ``Anderson(m=5, tol=1e-4, max_iter=K)`` forward and (IFT) adjoint,
+``bench_compile.py``, and the same compiled with ``options={"cpp.use_decompose_tanh": True}``
+("fast tanh": inductor lowers tanh through exp; a user's option, never the library's).
+``Anderson(m=5, tol=1e-4, max_iter=K)`` forward and (IFT) adjoint,
 K = 30 and 100, float32, the weights of ``workloads.make_mlp`` converted to numpy → jax.
 
 Before timing, one step of each arm from the same weights: the forward ``nstep`` and status
-must agree across the three arms, IFT's adjoint ``nstep`` between JAX and our eager step (read
+must agree across the arms, IFT's adjoint ``nstep`` between JAX and our eager step (read
 by ``measure.record_solves``, which wraps the library's ``_solve.iterate`` during that step), and
 every parameter gradient must agree (max over leaves of ``‖a − b‖∞ / ‖b‖∞``, JAX and compiled vs eager).
 
@@ -51,6 +53,9 @@ MODES = {
     "ift": lambda k: dq.IFT(solver=dq.Anderson(max_iter=k, tol=TOL, m=M)),
 }
 ROUNDS = 50
+# inductor options of the compiled arms: as the library is, and with the user's option that
+# lowers tanh to exp (inductor's own tanh costs ~6× eager's on this CPU; bench_iteration_vs_jax)
+COMPILED_ARMS = {"compiled": {}, "compiled, fast tanh": {"cpp.use_decompose_tanh": True}}
 THREAD_CHECK_S, MAX_SECOND_OVER_TOP = 0.5, 0.7
 # agreement required before timing: max over leaves of ‖a − b‖∞ / ‖b‖∞ (float32; measured ~1e-6)
 JAX_GRAD_RTOL, COMPILED_GRAD_RTOL = 1e-4, 1e-2
@@ -149,20 +154,23 @@ def _jax_report(report) -> dict:
     return {"nstep": int(nstep), "status": dq.Status(int(status)).name, "rel_residual": rel}
 
 
-def check_agreement(jax_out, eager, compiled, params_e, params_c, adjoint_eager, mode) -> dict:
-    """Iterations, status, loss and gradients of one step of each arm from the same weights."""
+def check_agreement(jax_out, eager: wl.TrainStep, compiled: dict, adjoint_eager, mode) -> dict:
+    """Iterations, status, loss and gradients of one step of each arm from the same weights
+    (``compiled``: {arm name: its TrainStep}; "compiled" among them)."""
     _, loss_j, grads_j, report = jax_out
-    eager_grads = _flat_grads({k: v.grad for k, v in wl.named_leaves(params_e).items()})
-    compiled_grads = _flat_grads({k: v.grad for k, v in wl.named_leaves(params_c).items()})
-    jax_grads = _flat_grads(grads_j)
-    (loss_e, info_e), (loss_c, info_c) = eager.last, compiled.last
+
+    def grads(step):
+        return _flat_grads({k: v.grad for k, v in wl.named_leaves(step.params).items()})
+
+    eager_grads = grads(eager)
     check = {
-        "forward": {"jax": _jax_report(report["forward"]), "eager": wl.info_summary(info_e),
-                    "compiled": wl.info_summary(info_c)},
+        "forward": {"jax": _jax_report(report["forward"]), "eager": wl.info_summary(eager.last[1]),
+                    **{name: wl.info_summary(step.last[1]) for name, step in compiled.items()}},
         "adjoint": ({"jax": _jax_report(report["adjoint"]), "eager": adjoint_eager} if mode == "ift" else None),
-        "loss": {"jax": float(loss_j), "eager": float(loss_e), "compiled": float(loss_c)},
-        "grad_jax_vs_eager": _max_rel(jax_grads, eager_grads),
-        "grad_compiled_vs_eager": _max_rel(compiled_grads, eager_grads),
+        "loss": {"jax": float(loss_j), "eager": float(eager.last[0]),
+                 **{name: float(step.last[0]) for name, step in compiled.items()}},
+        "grad_jax_vs_eager": _max_rel(_flat_grads(grads_j), eager_grads),
+        **{f"grad_{name}_vs_eager": _max_rel(grads(step), eager_grads) for name, step in compiled.items()},
     }
     fwd = check["forward"]
     steps = {arm: (fwd[arm]["nstep"], fwd[arm]["status"]) for arm in fwd}
@@ -173,7 +181,8 @@ def check_agreement(jax_out, eager, compiled, params_e, params_c, adjoint_eager,
         pair = {arm: (adj[arm]["nstep"], adj[arm]["status"]) for arm in ("jax", "eager")}
         assert len(set(pair.values())) == 1, f"adjoint solves ended differently (nstep, status): {pair}"
     assert check["grad_jax_vs_eager"]["max_rel_inf"] <= JAX_GRAD_RTOL, f"JAX ≠ eager gradients: {check}"
-    assert check["grad_compiled_vs_eager"]["max_rel_inf"] <= COMPILED_GRAD_RTOL, f"compiled ≠ eager gradients: {check}"
+    for name in compiled:
+        assert check[f"grad_{name}_vs_eager"]["max_rel_inf"] <= COMPILED_GRAD_RTOL, f"{name} ≠ eager gradients: {check}"
     return check
 
 
@@ -191,24 +200,20 @@ def bench_vs_jax(benchmark, make_workload, timer, jax, mode, max_iter):
     grad_mode = MODES[mode](max_iter)
     loss_fn = wl.ours_loss(w, solver, grad_mode)
 
-    params_e, params_c = w.clone_params(), w.clone_params()
-    eager = wl.TrainStep(loss_fn, params_e)
+    eager = wl.TrainStep(loss_fn, w.clone_params())
     with measure.record_solves() as rec:
         eager()
     torch._dynamo.reset()
-    compiled = wl.TrainStep(torch.compile(loss_fn, fullgraph=True), params_c)
-    compiled_first_s = timer(compiled)  # Dynamo, inductor, AOTAutograd + one step
+    compiled = {name: wl.TrainStep(torch.compile(loss_fn, fullgraph=True, options=options), w.clone_params())
+                for name, options in COMPILED_ARMS.items()}
+    compiled_first_s = {name: timer(step) for name, step in compiled.items()}  # Dynamo, inductor, AOTAutograd + one step
 
     jax_step = jax_mlp.make_train_step(mode, jax_mlp.Anderson(max_iter=max_iter, tol=TOL, m=M))
     jax_args = to_jax(w)
     jax_first_s, jax_out = timer.timed(lambda: jax.block_until_ready(jax_step(*jax_args)))  # trace + XLA compile + one step
-    check = check_agreement(jax_out, eager, compiled, params_e, params_c, rec.adjoint(), mode)
+    check = check_agreement(jax_out, eager, compiled, rec.adjoint(), mode)
 
-    arms = {
-        "jax": lambda: jax.block_until_ready(jax_step(*jax_args)),
-        "eager": eager,
-        "compiled": compiled,
-    }
+    arms = {"jax": lambda: jax.block_until_ready(jax_step(*jax_args)), "eager": eager, **compiled}
     for arm in arms.values():  # one more untimed call each
         arm()
     threads = {name: threads_used(arm) for name, arm in arms.items()}
@@ -228,9 +233,10 @@ def bench_vs_jax(benchmark, make_workload, timer, jax, mode, max_iter):
         **{f"{name}_s": v for name, v in s.items()},
         "ratio_eager_over_jax": rot.ratio("eager", "jax"),
         "ratio_compiled_over_jax": rot.ratio("compiled", "jax"),
+        "ratio_fast_tanh_over_jax": rot.ratio("compiled, fast tanh", "jax"),
         "ratio_of_min_eager_over_jax": s["eager"]["min"] / s["jax"]["min"],
         "ratio_of_min_compiled_over_jax": s["compiled"]["min"] / s["jax"]["min"],
-        "first_call_s": {"jax": jax_first_s, "compiled": compiled_first_s},
+        "first_call_s": {"jax": jax_first_s, **compiled_first_s},
         "check": check,
         "threads": threads,
         "versions": {"jax": jax.__version__, "jaxlib": _jaxlib_version(), "torch": torch.__version__},

@@ -178,7 +178,7 @@ class Anderson(Solver):
         gram = write_slot(write_slot(gram, 1, slot, row, opts.inplace), 2, slot, row, opts.inplace)
         slots = first_slots(k + 1, self.m, z.device)
         alpha = mixing_coefficients(gram, slots, self.lam)
-        alpha = used_slots(alpha.unsqueeze(2), slots).squeeze(2)  # eagerly: the first n columns
+        alpha = used_slots(alpha, slots)  # eagerly: the first n columns
         if opts.constant_mixing:
             # Unrolled: differentiate through the iterates, not through α. dα/dθ multiplies
             # residuals that vanish at convergence, but the ill-conditioned Gram solve makes
