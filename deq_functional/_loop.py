@@ -76,7 +76,8 @@ class IterativeSolver:
 
         Returns:
             a tuple of fixed-shape tensors, each with the B problems as its leading dim (so a
-            subset of problems is a subset of rows), in the work dtype (float32 for half states).
+            subset of problems is a subset of rows), in the work dtype (float32 for half states)
+            or wider (Anderson's float64 Gram matrix).
         """
         raise NotImplementedError
 

@@ -44,7 +44,7 @@ def test_compiled_and_eager_eliminations_give_the_same_float32_coefficients(deca
     between the two float64 values (rare: at most 1 in 10⁴ here), and then by one rounding step;
     also where the ridge is all that keeps the system invertible (6 decades: Gram condition 1e12)."""
     gram = _spd_systems(4000, 6, decades, seed=decades)
-    eager = mixing_coefficients(gram, 6, 1e-4)
+    eager = mixing_coefficients(gram.double(), 6, 1e-4, torch.float32)
     h = gram.double()
     scale = h.diagonal(dim1=1, dim2=2).sum(dim=1) / 6 + torch.finfo(torch.float32).tiny
     system = h / scale[:, None, None] + (1e-4 + torch.finfo(torch.float32).eps) * torch.eye(6, dtype=torch.float64)
@@ -64,6 +64,6 @@ def test_mixing_coefficients_under_compile_equal_eager_for_every_slot_count():
     compiled = torch.compile(mixing_coefficients, fullgraph=True, backend="aot_eager")
     for n in range(1, 6):
         mask = torch.arange(5) < n
-        traced = compiled(gram, mask, 1e-4)
-        eager = mixing_coefficients(gram, n, 1e-4)
+        traced = compiled(gram.double(), mask, 1e-4, torch.float32)
+        eager = mixing_coefficients(gram.double(), n, 1e-4, torch.float32)
         assert torch.equal(traced[:, :n], eager[:, :n]) and torch.equal(traced[:, n:], torch.zeros(64, 5 - n))

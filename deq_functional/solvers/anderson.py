@@ -12,39 +12,40 @@ from .._flat import combine, first_slots, project, slot_mask, used_slots, work_d
 from ._base import Solver
 
 
-def mixing_coefficients(gram: torch.Tensor, slots: torch.Tensor | int, lam: float) -> torch.Tensor:
+def mixing_coefficients(gram: torch.Tensor, slots: torch.Tensor | int, lam: float, dtype: torch.dtype) -> torch.Tensor:
     r"""Solve ``min_α ‖Σᵢ αᵢ rᵢ‖²`` s.t. ``Σᵢ αᵢ = 1`` over the history slots in use.
 
     Args:
-        gram: ``(B, m, m)`` Gram matrix ``H = R Rᵀ`` of the residual history ``rᵢ = g(zᵢ) − zᵢ``.
+        gram: ``(B, m, m)`` Gram matrix ``H = R Rᵀ`` of the residual history ``rᵢ = g(zᵢ) − zᵢ``,
+            in the dtype the system is solved in (`solve_dtype`: float64 where the device has it).
         slots: the slots that hold history: the first ``n`` (an int, eagerly) or an ``(m,)`` bool
             mask (traced); entries of other slots are ignored: their rows and columns become the
             identity, with right-hand side 0. With ``n = m`` the same system without masking ops.
         lam: ridge λ relative to ``s = mean(diag H)`` over the slots in use; it stays relative
             as the residuals shrink, so Anderson does not degrade into averaging near convergence.
+        dtype: the history's (work) dtype: that of the returned α, and whose epsilon ε is added.
 
     Returns:
-        ``(B, m)`` coefficients α in ``gram``'s dtype, summing to 1, zero on unused slots, from
-        ``(H/s + (λ+ε)I) w = 1`` on the used block, ``α = w / Σw`` (ε the dtype's epsilon keeps an
-        all-zero history finite). With one slot in use this is ``α = (1, 0, …)``: damped Picard.
-        The system is always the padded ``m × m`` one and is solved in float64 (`solve_small_spd`),
-        eagerly and compiled, so both give the same α in float32 (see there). Cost ``O(B m³)``;
-        nothing syncs with the host.
+        ``(B, m)`` coefficients α in ``dtype``, summing to 1, zero on unused slots, from
+        ``(H/s + (λ+ε)I) w = 1`` on the used block, ``α = w / Σw`` (ε keeps an all-zero history
+        finite). With one slot in use this is ``α = (1, 0, …)``: damped Picard. The system is
+        always the padded ``m × m`` one, solved in ``gram``'s dtype by `solve_small_spd`, eagerly
+        and compiled, so both give the same α in float32 (see there). Cost ``O(B m³)``; nothing
+        syncs with the host.
     """
-    tiny, eps = torch.finfo(gram.dtype).tiny, torch.finfo(gram.dtype).eps
-    h = gram.to(_solve_dtype(gram.device))
-    if isinstance(slots, int) and slots == h.shape[1]:  # every slot in use: no masking ops
-        scale = h.diagonal(dim1=1, dim2=2).sum(dim=1) / h.shape[1] + tiny
-        system = h / scale[:, None, None]
+    tiny, eps = torch.finfo(dtype).tiny, torch.finfo(dtype).eps
+    if isinstance(slots, int) and slots == gram.shape[1]:  # every slot in use: no masking ops
+        scale = gram.diagonal(dim1=1, dim2=2).sum(dim=1) / gram.shape[1] + tiny
+        system = gram / scale[:, None, None]
         system.diagonal(dim1=1, dim2=2).add_(lam + eps)
         rhs = torch.ones_like(system[:, :, :1])
     else:
-        pad = _padding(slots, h.shape[1], lam + eps, h.dtype, h.device)
-        scale = (h.diagonal(dim1=1, dim2=2) * pad.weights).sum(dim=1) / pad.count + tiny
-        system = torch.where(pad.block, h / scale[:, None, None], 0.0) + pad.diagonal
-        rhs = pad.weights[:, None].expand(h.shape[0], -1, 1)
+        pad = _padding(slots, gram.shape[1], lam + eps, gram.dtype, gram.device)
+        scale = (gram.diagonal(dim1=1, dim2=2) * pad.weights).sum(dim=1) / pad.count + tiny
+        system = torch.where(pad.block, gram / scale[:, None, None], 0.0) + pad.diagonal
+        rhs = pad.weights[:, None].expand(gram.shape[0], -1, 1)
     w = solve_small_spd(system, rhs)
-    return (w / w.sum(dim=1, keepdim=True)).to(gram.dtype)
+    return (w / w.sum(dim=1, keepdim=True)).to(dtype)
 
 
 class _Padding(NamedTuple):
@@ -78,8 +79,9 @@ def _padding(slots: torch.Tensor | int, m: int, ridge: float, dtype: torch.dtype
     return _Padding(weights, weights.sum(), slots[:, None] & slots[None, :], diagonal)
 
 
-def _solve_dtype(device: torch.device) -> torch.dtype:
-    """float64 for the mixing system, except where the device has none (MPS: float32)."""
+def solve_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the Gram matrix and the mixing system, except where the device has none (MPS:
+    float32)."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -91,7 +93,7 @@ def solve_small_spd(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     Gauss–Jordan elimination written in elementwise ops (`gauss_jordan`), which inductor fuses
     into the loop body, where ``solve_ex`` is an external call that costs more than the rest of
     the mixing step (MLP: 318 → 269 µs per compiled Anderson iteration). The two round
-    differently; in float64 (what `mixing_coefficients` solves in) their difference is far below
+    differently; in float64 (what Anderson keeps its Gram matrix in) their difference is far below
     float32's resolution, so the float32 α they give are the same numbers but where a rounding
     boundary falls between the two float64 values, and then one rounding step apart (measured:
     1 coefficient in 144,000 over Gram conditions up to the ridge's limit; tests/test_mixing.py):
@@ -129,7 +131,7 @@ class Anderson(Solver):
     Iteration 0 (one valid slot) is damped Picard; with ``m = 1`` every step is.
     The history lives in ring buffers ``(B, m, D)`` of ``g(zᵢ)`` and ``rᵢ`` with a validity
     mask, so the state has a fixed shape (``torch.while_loop``); half-precision states keep
-    their history in float32; the ``m × m`` system is solved in float64.
+    their history in float32; the ``(B, m, m)`` Gram matrix and its system are float64.
     Cost per iteration: one ``g`` call, ``O(B m D)`` (one new Gram row, the combination;
     a second combination when ``β < 1``) and an ``m × m`` solve; memory ``2 m B D``.
 
@@ -162,11 +164,11 @@ class Anderson(Solver):
         check_finite_real("Anderson", "lam", self.lam, 0.0)
 
     def init(self, z, gz):
-        """Ring buffers of images and residuals ``(B, m, D)`` and their Gram matrix ``(B, m, m)``."""
+        """Ring buffers of images and residuals ``(B, m, D)`` and their Gram matrix ``(B, m, m)``
+        (float64: the row written into it is exact, and the mixing system is solved in it)."""
         batch, dim = z.shape
-        dtype = work_dtype(z.dtype)
-        history = z.new_zeros((batch, self.m, dim), dtype=dtype)
-        return history, history.clone(), z.new_zeros((batch, self.m, self.m), dtype=dtype)
+        history = z.new_zeros((batch, self.m, dim), dtype=work_dtype(z.dtype))
+        return history, history.clone(), z.new_zeros((batch, self.m, self.m), dtype=solve_dtype(z.device))
 
     def step(self, state, z, gz, r, k, opts):
         images, residuals, gram = state
@@ -177,7 +179,7 @@ class Anderson(Solver):
         row = project(residuals, r)  # (B, m): rᵢ · r, the one new Gram row
         gram = write_slot(write_slot(gram, 1, slot, row, opts.inplace), 2, slot, row, opts.inplace)
         slots = first_slots(k + 1, self.m, z.device)
-        alpha = mixing_coefficients(gram, slots, self.lam)
+        alpha = mixing_coefficients(gram, slots, self.lam, images.dtype)
         alpha = used_slots(alpha, slots)  # eagerly: the first n columns
         if opts.constant_mixing:
             # Unrolled: differentiate through the iterates, not through α. dα/dθ multiplies
