@@ -19,6 +19,7 @@ Threads: one per side (bench/conftest.py, ``jax_mlp.load_jax``). ``measure.Rotat
 
 from __future__ import annotations
 
+import jax_mlp
 import measure
 import numpy as np
 import pytest
@@ -33,15 +34,6 @@ F_CHAIN = 10
 FAST_TANH = {"cpp.use_decompose_tanh": True}
 
 
-@pytest.fixture(scope="module")
-def jax():
-    import jax_mlp
-
-    if not jax_mlp.available():
-        pytest.skip(f"JAX arm skipped: jax is not installed; {jax_mlp.INSTALL_HINT}")
-    return jax_mlp.load_jax()
-
-
 def _ours(w, k):
     solver = dq.Anderson(max_iter=k, tol=0.0, m=M)
 
@@ -52,12 +44,8 @@ def _ours(w, k):
     return solve
 
 
-
-
 @pytest.mark.compile
 def bench_iteration_vs_jax(benchmark, make_workload, timer, jax):
-    import jax_mlp
-
     w = make_workload("mlp")
     if w.inp.device.type != "cpu":
         pytest.skip("the JAX arm runs on CPU only")

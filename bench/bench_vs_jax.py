@@ -61,13 +61,6 @@ THREAD_CHECK_S, MAX_SECOND_OVER_TOP = 0.5, 0.7
 JAX_GRAD_RTOL, COMPILED_GRAD_RTOL = 1e-4, 1e-2
 
 
-@pytest.fixture(scope="module")
-def jax():
-    if not jax_mlp.available():
-        pytest.skip(f"JAX arm skipped: jax is not installed; {jax_mlp.INSTALL_HINT}")
-    return jax_mlp.load_jax()
-
-
 # ------------------------------------------------------------------- helpers ----
 
 

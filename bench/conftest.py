@@ -23,6 +23,7 @@ import tempfile
 # from an earlier run (must be set before inductor is first used).
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="deq_bench_inductor_")
 
+import jax_mlp
 import measure
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -146,3 +147,12 @@ def make_workload(device):
         return workloads.WORKLOADS[name](device=device)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def jax():
+    """The ``jax`` module, imported single threaded (``jax_mlp.load_jax``); skips the benchmark
+    with an install hint where jax is missing (``make bench`` runs without it)."""
+    if not jax_mlp.available():
+        pytest.skip(f"JAX arm skipped: jax is not installed; {jax_mlp.INSTALL_HINT}")
+    return jax_mlp.load_jax()
