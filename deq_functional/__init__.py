@@ -3,6 +3,8 @@
 ``z_star, info = fixed_point(f, params, x, solver=..., grad_mode=...)``.
 """
 
+from typing import TYPE_CHECKING
+
 from . import models  # the reference models: dq.models.mlp / conv / multiscale
 from ._fixed_point import fixed_point
 from ._info import FixedPointError, FixedPointWarning, Info, Status
@@ -14,6 +16,9 @@ from .module import DEQ
 from .normalization import conv_lipschitz_rescale, spectral_normalize
 from .regularizers import jacobian_frobenius, spectral_radius
 from .solvers import GMRES, Anderson, Broyden, Picard, Solver
+
+if TYPE_CHECKING:  # imported on first use (module __getattr__ below)
+    from .loop_hoisting import hoist_loop_invariants
 
 __all__ = [
     "fixed_point",
@@ -43,4 +48,15 @@ __all__ = [
     "correction_loss",
     "correction_weights",
     "models",
+    "hoist_loop_invariants",
 ]
+
+
+def __getattr__(name: str):
+    """``hoist_loop_invariants`` (an inductor graph pass, see ``loop_hoisting.py``) is imported
+    on first use: it imports inductor (about 1 s), which ``import deq_functional`` does not."""
+    if name == "hoist_loop_invariants":
+        from .loop_hoisting import hoist_loop_invariants
+
+        return hoist_loop_invariants
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,13 @@ host only eagerly. This is the one module that touches private torch API:
 * `is_batch_norm` tests for ``torch.nn.modules.batchnorm._BatchNorm``, the one common base
   of every batch norm layer (``dq.DEQ`` refuses batch statistics with ``per_sample=True``);
 * `dynamo_frames_compiled` reads ``torch._dynamo.utils.counters`` (the benchmarking
-  fixture counts the compilations inside its timed rounds).
+  fixture counts the compilations inside its timed rounds);
+* the FX form of inductor's graphs, for the opt-in pass in ``loop_hoisting.py``: what an op
+  node does (`aten_op`, `is_view_op`, `written_arguments`: ``torch._ops.OpOverload`` and its
+  schema), the ``auto_functionalized_v2`` wrapper of a ``while_loop`` that writes captured
+  buffers, and its schema (`functionalized_while_loop`, `while_loop_schema`), and inductor's
+  ``CustomGraphPass`` interface (`inductor_graph_pass`); inductor is imported only when a
+  pass is made (about 1 s).
 """
 
 from __future__ import annotations
@@ -148,3 +154,62 @@ def dynamo_frames_compiled() -> int | None:
         return int(counters["frames"]["total"])
     except Exception:  # noqa: BLE001 - a private counter: absent on another torch, say so
         return None
+
+
+def aten_op(target: Any) -> bool:
+    """Whether an FX node's target is a pure ATen / prims operator: no mutation, no random
+    numbers (``torch._ops.OpOverload``, its schema and tags)."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
+        return False
+    return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
+
+
+def is_view_op(target: Any) -> bool:
+    """Whether an FX node's target is an operator whose output is a view of its first input."""
+    return isinstance(target, torch._ops.OpOverload) and target.is_view
+
+
+def written_arguments(target: Any) -> list[tuple[int, str]]:
+    """(position, name) of every argument an operator writes in place (none for non-operators)."""
+    if not isinstance(target, torch._ops.OpOverload) or not target._schema.is_mutable:
+        return []
+    return [(i, a.name) for i, a in enumerate(target._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+
+
+def functionalized_while_loop(target: Any, args: tuple) -> bool:
+    """Whether an FX call is ``auto_functionalized_v2(while_loop, ...)``: the form a
+    ``while_loop`` that writes captured buffers takes in inductor's post-grad graphs."""
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
+
+    return target is auto_functionalized_v2 and bool(args) and args[0] is torch.ops.higher_order.while_loop
+
+
+def while_loop_schema(old: Any, cond: Any, body: Any, carried: list, additional: list) -> Any:
+    """The ``_op_schema`` constant of an ``auto_functionalized_v2(while_loop)`` call for these
+    (example) inputs, with the in-place writes of the ``old`` constant (a pytree spec holding
+    the schema, as torch stores it)."""
+    from torch._higher_order_ops.auto_functionalize import SchemaHolder
+    from torch.utils import _pytree
+
+    arguments = SchemaHolder.from_tree_spec(old).schema.arguments[2:]  # after cond_fn, body_fn
+    mutated = ",".join(str(i) for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write)
+    schema = torch.ops.higher_order.while_loop.gen_schema(cond, body, carried, additional, mutated)
+    return _pytree.tree_flatten(SchemaHolder(schema))[1]
+
+
+def inductor_graph_pass(fn: Callable[[Any], Any], source: str) -> Any:
+    """``fn(graph)`` as an inductor ``CustomGraphPass`` (for ``options={"post_grad_custom_pre_pass":
+    ...}``), whose ``uuid`` keys inductor's FX graph cache on the file ``source``."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class GraphPass(CustomGraphPass):
+        def __call__(self, graph: Any) -> None:
+            fn(graph)
+
+        def uuid(self) -> Any:
+            return get_hash_for_files((source,))
+
+        def __repr__(self) -> str:
+            return f"<inductor graph pass {fn.__module__}.{fn.__qualname__}>"
+
+    return GraphPass()
