@@ -6,7 +6,10 @@ stopping rule, readout, cross-entropy, gradients of every parameter, SGD with lr
 Ours: ``workloads.TrainStep`` of ``workloads.ours_loss`` (eager), and of
 ``torch.compile(loss_fn, fullgraph=True)`` with ``backward()`` and the SGD step outside, as in
 ``bench_compile.py``, and the same compiled with ``options={"cpp.use_decompose_tanh": True}``
-("fast tanh": inductor lowers tanh through exp; a user's option, never the library's).
+("fast tanh": inductor lowers tanh through exp; a user's option, never the library's), with
+``options={"post_grad_custom_pre_pass": dq.hoist_loop_invariants}`` ("hoisted": the library's
+opt-in pass that moves loop-invariant work, IFT's adjoint forward of f, out of the loop), and
+with both.
 ``Anderson(m=5, tol=1e-4, max_iter=K)`` forward and (IFT) adjoint,
 K = 30 and 100, float32, the weights of ``workloads.make_mlp`` converted to numpy → jax.
 
@@ -53,9 +56,14 @@ MODES = {
     "ift": lambda k: dq.IFT(solver=dq.Anderson(max_iter=k, tol=TOL, m=M)),
 }
 ROUNDS = 50
-# inductor options of the compiled arms: as the library is, and with the user's option that
-# lowers tanh to exp (inductor's own tanh costs ~6× eager's on this CPU; bench_iteration_vs_jax)
-COMPILED_ARMS = {"compiled": {}, "compiled, fast tanh": {"cpp.use_decompose_tanh": True}}
+# inductor options of the compiled arms (each the user's choice per torch.compile call): none; the
+# option that lowers tanh to exp (inductor's own tanh costs ~6× eager's on this CPU;
+# bench_iteration_vs_jax); the library's loop-invariant pass (IFT's adjoint forward leaves the
+# loop; JFB has no invariant work in its loop); both.
+FAST_TANH = {"cpp.use_decompose_tanh": True}
+HOISTED = {"post_grad_custom_pre_pass": dq.hoist_loop_invariants}
+COMPILED_ARMS = {"compiled": {}, "compiled, fast tanh": FAST_TANH, "compiled, hoisted": HOISTED,
+                 "compiled, hoisted, fast tanh": {**HOISTED, **FAST_TANH}}
 THREAD_CHECK_S, MAX_SECOND_OVER_TOP = 0.5, 0.7
 # agreement required before timing: max over leaves of ‖a − b‖∞ / ‖b‖∞ (float32; measured ~1e-6)
 JAX_GRAD_RTOL, COMPILED_GRAD_RTOL = 1e-4, 1e-2
@@ -227,6 +235,10 @@ def bench_vs_jax(benchmark, make_workload, timer, jax, mode, max_iter):
         "ratio_eager_over_jax": rot.ratio("eager", "jax"),
         "ratio_compiled_over_jax": rot.ratio("compiled", "jax"),
         "ratio_fast_tanh_over_jax": rot.ratio("compiled, fast tanh", "jax"),
+        "ratio_hoisted_over_jax": rot.ratio("compiled, hoisted", "jax"),
+        "ratio_hoisted_fast_tanh_over_jax": rot.ratio("compiled, hoisted, fast tanh", "jax"),
+        "ratio_hoisted_over_compiled": rot.ratio("compiled, hoisted", "compiled"),
+        "ratio_hoisted_over_eager": rot.ratio("compiled, hoisted", "eager"),
         "ratio_of_min_eager_over_jax": s["eager"]["min"] / s["jax"]["min"],
         "ratio_of_min_compiled_over_jax": s["compiled"]["min"] / s["jax"]["min"],
         "first_call_s": {"jax": jax_first_s, **compiled_first_s},
