@@ -13,7 +13,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import deq_functional as dq
 from deq_functional import loop_hoisting
-from deq_functional._transforms import inductor_graph_pass
+from deq_functional._transforms import CAPTURED_LOOP_WRITES, inductor_graph_pass
 
 WHILE_LOOP = torch.ops.higher_order.while_loop
 STEPS = 5
@@ -148,36 +148,52 @@ def test_importing_the_library_does_not_import_inductor():
     assert callable(dq.hoist_loop_invariants) and dq.hoist_loop_invariants.uuid()
 
 
+def _tanh(p, z, x):
+    return torch.tanh(z @ p["W"].T + x)
+
+
+def _two_scale(p, z, x):
+    """A tuple state ``(B, N), (B, N/2)`` coupled by pooling and upsampling."""
+    a, b = z
+    return torch.tanh(a @ p["W"].T + x + b.repeat_interleave(2, dim=1)), 0.5 * (a[:, ::2] + a[:, 1::2]) * p["s"]
+
+
 @pytest.mark.compile
 def test_compiled_ift_step_with_the_pass_equals_the_step_without_it():
-    """Inductor, IFT with Anderson (its in-place history: the ``auto_functionalized_v2`` form on
-    torch 2.14): the adjoint's forward of f leaves the loop, and gradients, iterations and
-    statuses are the unhoisted compile's, bit for bit, and eager's."""
+    """Inductor, IFT with Anderson, two solves in one graph (a tensor state as one problem, a
+    tuple state per sample): each adjoint's forward of f leaves its loop (on torch 2.14 the
+    loops write their history in place: the ``auto_functionalized_v2`` form), and the loss,
+    gradients, iterations and statuses are the unhoisted compile's, bit for bit, and eager's."""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
-    W0, x, y = 0.5 * torch.randn(16, 16, generator=g) / 4, torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
-    solver = dq.Anderson(m=4, tol=1e-5, max_iter=40)
+    W0, x, y = 0.3 * torch.randn(8, 8, generator=g) / 8**0.5, torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    solver = dq.Anderson(tol=1e-6, max_iter=60)
 
     def loss_fn(W):
-        z, info = dq.fixed_point(lambda p, z, x: torch.tanh(z @ p["W"].T + x), {"W": W}, x, solver=solver, grad_mode=dq.IFT())
-        return ((z - y) ** 2).sum(), info
+        z, info = dq.fixed_point(_tanh, {"W": W}, x, solver=solver, grad_mode="ift")
+        (a, b), info_tuple = dq.fixed_point(_two_scale, {"W": W, "s": torch.tensor(0.4)}, x, solver=solver,
+                                            z0=(torch.zeros(4, 8), torch.zeros(4, 4)), grad_mode="ift", per_sample=True)
+        return ((z - y) ** 2).sum() + (a * y).sum() + b.square().sum(), (info, info_tuple)
 
-    hoisted = []
+    hoisted, forms = [], set()
 
     def counting(graph):
+        forms.update(loop.functionalized for n in graph.nodes if (loop := loop_hoisting._Loop.at(n)) is not None)
         hoisted.append(loop_hoisting.hoist(graph))
 
     def run(fn):
         W = W0.clone().requires_grad_()
-        loss, info = fn(W)
+        loss, infos = fn(W)
         loss.backward()
-        return loss.detach(), W.grad, info
+        return loss.detach(), W.grad, infos
 
     plain = run(torch.compile(loss_fn, fullgraph=True))
     passed = run(torch.compile(lambda W: loss_fn(W), fullgraph=True,
                                options={"post_grad_custom_pre_pass": inductor_graph_pass(counting, loop_hoisting.__file__)}))
     eager = run(loss_fn)
-    assert sum(hoisted) >= 1  # the adjoint's loop-invariant forward of f left the loop
+    assert sum(hoisted) >= 2  # each adjoint's loop-invariant forward of f left its loop
+    assert forms == {CAPTURED_LOOP_WRITES}
     assert torch.equal(passed[0], plain[0]) and torch.equal(passed[1], plain[1])
-    assert torch.equal(passed[2].nstep, plain[2].nstep) and torch.equal(passed[2].status, eager[2].status)
-    torch.testing.assert_close(passed[1], eager[1], rtol=1e-4, atol=1e-6)
+    for p, q, e in zip(passed[2], plain[2], eager[2], strict=True):
+        assert torch.equal(p.nstep, q.nstep) and torch.equal(p.status, q.status) and torch.equal(p.status, e.status)
+    torch.testing.assert_close(passed[1], eager[1], rtol=1e-4, atol=1e-5)
