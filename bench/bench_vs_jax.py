@@ -8,8 +8,9 @@ Ours: ``workloads.TrainStep`` of ``workloads.ours_loss`` (eager), and of
 ``bench_compile.py``, and the same compiled with ``options={"cpp.use_decompose_tanh": True}``
 ("fast tanh": inductor lowers tanh through exp; a user's option, never the library's), with
 ``options={"post_grad_custom_pre_pass": dq.hoist_loop_invariants}`` ("hoisted": the library's
-opt-in pass that moves loop-invariant work, IFT's adjoint forward of f, out of the loop), and
-with both.
+opt-in pass that moves loop-invariant work, IFT's adjoint forward of f, out of the loop), with
+both, and with both and ``cpp_wrapper=True`` (inductor writes the code around its kernels,
+the while_loop's iteration included, as C++ instead of Python).
 ``Anderson(m=5, tol=1e-4, max_iter=K)`` forward and (IFT) adjoint,
 K = 30 and 100, float32, the weights of ``workloads.make_mlp`` converted to numpy → jax.
 
@@ -59,11 +60,13 @@ ROUNDS = 50
 # inductor options of the compiled arms (each the user's choice per torch.compile call): none; the
 # option that lowers tanh to exp (inductor's own tanh costs ~6× eager's on this CPU;
 # bench_iteration_vs_jax); the library's loop-invariant pass (IFT's adjoint forward leaves the
-# loop; JFB has no invariant work in its loop); both.
+# loop; JFB has no invariant work in its loop); both; and both with inductor's C++ wrapper (the
+# code around the kernels, the while_loop's Python loop included, generated as C++).
 FAST_TANH = {"cpp.use_decompose_tanh": True}
 HOISTED = {"post_grad_custom_pre_pass": dq.hoist_loop_invariants}
 COMPILED_ARMS = {"compiled": {}, "compiled, fast tanh": FAST_TANH, "compiled, hoisted": HOISTED,
-                 "compiled, hoisted, fast tanh": {**HOISTED, **FAST_TANH}}
+                 "compiled, hoisted, fast tanh": {**HOISTED, **FAST_TANH},
+                 "compiled, hoisted, fast tanh, C++ wrapper": {**HOISTED, **FAST_TANH, "cpp_wrapper": True}}
 THREAD_CHECK_S, MAX_SECOND_OVER_TOP = 0.5, 0.7
 # agreement required before timing: max over leaves of ‖a − b‖∞ / ‖b‖∞ (float32; measured ~1e-6)
 JAX_GRAD_RTOL, COMPILED_GRAD_RTOL = 1e-4, 1e-2
@@ -239,6 +242,9 @@ def bench_vs_jax(benchmark, make_workload, timer, jax, mode, max_iter):
         "ratio_hoisted_fast_tanh_over_jax": rot.ratio("compiled, hoisted, fast tanh", "jax"),
         "ratio_hoisted_over_compiled": rot.ratio("compiled, hoisted", "compiled"),
         "ratio_hoisted_over_eager": rot.ratio("compiled, hoisted", "eager"),
+        "ratio_all_options_over_jax": rot.ratio("compiled, hoisted, fast tanh, C++ wrapper", "jax"),
+        "ratio_cpp_wrapper_over_python_wrapper": rot.ratio("compiled, hoisted, fast tanh, C++ wrapper",
+                                                           "compiled, hoisted, fast tanh"),
         "ratio_of_min_eager_over_jax": s["eager"]["min"] / s["jax"]["min"],
         "ratio_of_min_compiled_over_jax": s["compiled"]["min"] / s["jax"]["min"],
         "first_call_s": {"jax": jax_first_s, **compiled_first_s},

@@ -429,7 +429,9 @@ def section_vs_jax(data, rows):
         "with the loss under `torch.compile(fullgraph=True)` (as in table 3), and compiled with "
         "`options={\"cpp.use_decompose_tanh\": True}` (fast tanh, a user's option: table 11 and the compile guide), "
         "with `options={\"post_grad_custom_pre_pass\": dq.hoist_loop_invariants}` (hoisted: the library's opt-in pass "
-        "that moves IFT's adjoint forward of f out of the loop; JFB's loop has no invariant work), and with both. "
+        "that moves IFT's adjoint forward of f out of the loop; JFB's loop has no invariant work), with both, and with "
+        "both and `cpp_wrapper=True` (inductor's C++ wrapper: the code around the kernels, the loop's iterations "
+        "included, in C++ rather than Python). "
         "Same weights (torch → numpy → jax), "
         "float32, tol 1e-4. Before timing, one step of each arm: forward nstep and status equal in every arm, "
         "IFT's adjoint nstep equal in JAX and eager, gradient difference = max over parameters of "
@@ -445,10 +447,10 @@ def section_vs_jax(data, rows):
         "",
         "| mode | max_iter | JAX ms | eager ms | compiled ms | eager ÷ JAX (per round) | compiled ÷ JAX (per round) | "
         "compiled, fast tanh ÷ JAX | compiled, hoisted ÷ JAX | hoisted + fast tanh ÷ JAX | hoisted ÷ compiled | "
-        "hoisted ÷ eager | "
+        "hoisted ÷ eager | hoisted + fast tanh + C++ wrapper ÷ JAX | C++ ÷ Python wrapper | "
         "nstep JAX / eager / compiled | adjoint nstep JAX / eager | grad diff JAX, compiled vs eager | "
         "2nd ÷ busiest thread CPU | first call s, JAX / compiled |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {"jfb": 0, "ift": 1}
     checks = []
@@ -464,7 +466,8 @@ def section_vs_jax(data, rows):
             f"{mmed(r['ratio_compiled_over_jax'])} (minima {r['ratio_of_min_compiled_over_jax']:.2f}) | "
             + " | ".join(mmed(r[k]) if k in r else "–" for k in (
                 "ratio_fast_tanh_over_jax", "ratio_hoisted_over_jax", "ratio_hoisted_fast_tanh_over_jax",
-                "ratio_hoisted_over_compiled", "ratio_hoisted_over_eager")) + " | "
+                "ratio_hoisted_over_compiled", "ratio_hoisted_over_eager", "ratio_all_options_over_jax",
+                "ratio_cpp_wrapper_over_python_wrapper")) + " | "
             f"{nstep(fwd['jax'])} / {nstep(fwd['eager'])} / {nstep(fwd['compiled'])} | "
             f"{(nstep(adj['jax']) + ' / ' + nstep(adj['eager'])) if adj else '–'} | "
             f"{c['grad_jax_vs_eager']['max_rel_inf']:.1e}, {c['grad_compiled_vs_eager']['max_rel_inf']:.1e} | "
