@@ -39,7 +39,6 @@ import torch
 from ._info import Status
 
 RUNNING = -1  # internal status code of a problem still iterating
-PROGRESS = 0.5  # after iteration 0, CONVERGED also needs r <= PROGRESS · r₀
 
 
 class Rule(NamedTuple):
@@ -66,7 +65,9 @@ class Rule(NamedTuple):
         """``res <= atol + tol · scale`` and, given the first residual ``res_start`` (any iterate
         after ``z0``), ``res <= res_start / 2``; False for non-finite inputs. Tensors or Python floats."""
         within = res <= self.atol + self.tol * scale
-        return within if res_start is None else within & (res <= PROGRESS * res_start)
+        # the 0.5 is a literal, not a module constant: Dynamo with dynamic=True turns a global
+        # float into a graph input, which it then fails to lift into a while_loop body
+        return within if res_start is None else within & (res <= 0.5 * res_start)
 
     def _verdict(self, res, scale, res_min, eps: float):
         """``(finite, diverged)`` after an iteration; tensors, or Python floats for the eager

@@ -323,6 +323,31 @@ def test_a_new_batch_size_recompiles_once_with_dynamic_shapes(per_sample):
     assert counter.frame_count == 2  # the static first size, then one dynamic graph
 
 
+@pytest.mark.parametrize("mode", ["jfb", "ift"])
+def test_dynamic_true_compiles_one_graph_for_every_batch_size(mode):
+    """``dynamic=True`` makes sizes and the Python floats Dynamo reads symbolic from the first
+    call; a symbolic float the loop body reads cannot be lifted into ``while_loop`` (torch
+    2.14.1), so the library's own loop reads none (its stopping rule's 0.5 was a module float)."""
+    torch._dynamo.reset()
+    W, _, _ = _data()
+    y = torch.randn(9, N, generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(W, x, y):
+        z, info = dq.fixed_point(f, {"W": W}, x, solver=dq.Anderson(max_iter=40, tol=1e-5), grad_mode=mode,
+                                 per_sample=True)
+        return ((z - y[: len(z)]) ** 2).sum(), info
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=True, backend=counter)
+    for batch in (4, 6, 9):
+        x = torch.randn(batch, N, generator=torch.Generator().manual_seed(batch))
+        (lc, gc, ic), (le, ge, ie) = _run(compiled, W, x, y), _run(loss_fn, W, x, y)
+        torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
+        assert torch.equal(ic.nstep, ie.nstep) and torch.equal(ic.status, ie.status)
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize("per_sample", [False, True])
 def test_compiled_vmap_over_fixed_point_equals_eager_vmap(per_sample):
     # inside vmap (compiled or not) each mapped problem is one problem of its own and the
