@@ -94,6 +94,11 @@ class _Loop:
             return cls(node, graph_of(node.kwargs["cond_fn"]), graph_of(node.kwargs["body_fn"]), carried, additional, True)
         return None
 
+    def captured(self) -> dict[fx.Node, fx.Node | None]:
+        """{body placeholder of a captured input: the outer node passed in (None: a mutated base)}."""
+        placeholders = [n for n in self.body.graph.nodes if n.op == "placeholder"]
+        return dict(zip(placeholders[len(self.carried):], self.additional, strict=True))
+
     def add_inputs(self, values: list[fx.Node]) -> None:
         """Append ``values`` to the loop's captured inputs (outer graph, cond and body)."""
         for sub in (self.cond, self.body):
@@ -109,8 +114,11 @@ class _Loop:
             kwargs = dict(self.node.kwargs)
             for k, value in enumerate(values):
                 kwargs[f"additional_input{len(self.additional) + k}"] = value
+            old_schema = cast(fx.Node, kwargs["_op_schema"])
             kwargs["_op_schema"] = self._schema_node(kwargs, values)
             self.node.kwargs = kwargs
+            if not old_schema.users:  # superseded
+                self.node.graph.erase_node(old_schema)
         self.additional += values
 
     def _schema_node(self, kwargs: dict, values: list[fx.Node]) -> fx.Node:
@@ -159,9 +167,8 @@ def _invariant_outputs(loop: _Loop) -> list[fx.Node]:
     in the body's order: each computes something (not only views) from the loop's inputs (a
     value made of constants alone, such as an index mask, inductor inlines where it is read)."""
     body = loop.body.graph
-    placeholders = [n for n in body.nodes if n.op == "placeholder"]
     written = _written(body)
-    seeds = {ph for ph, outer in zip(placeholders[len(loop.carried):], loop.additional, strict=True) if outer is not None}
+    seeds = {ph for ph, outer in loop.captured().items() if outer is not None}
     invariant = seeds - written
     reads_input = set(invariant)  # invariant nodes computed from a loop input
     for node in body.nodes:
@@ -203,8 +210,8 @@ def _hoist_loop(loop: _Loop) -> int:
     if not frontier:
         return 0
     body, graph = loop.body.graph, loop.node.graph
-    placeholders = [n for n in body.nodes if n.op == "placeholder"]
-    env = dict(zip(placeholders[len(loop.carried):], loop.additional, strict=True))
+    env = loop.captured()
+    old_placeholders = len(loop.carried) + len(env)
     needed: set[fx.Node] = set()
     stack = list(frontier)
     while stack:
@@ -216,8 +223,8 @@ def _hoist_loop(loop: _Loop) -> int:
         for node in body.nodes:
             if node in needed:
                 env[node] = graph.node_copy(node, lambda a: env[a])
-    loop.add_inputs([env[n] for n in frontier])
-    new_placeholders = [n for n in body.nodes if n.op == "placeholder"][len(placeholders):]
+    loop.add_inputs([cast(fx.Node, env[n]) for n in frontier])  # copies made just above
+    new_placeholders = [n for n in body.nodes if n.op == "placeholder"][old_placeholders:]
     for old, new in zip(frontier, new_placeholders, strict=True):
         old.replace_all_uses_with(new)
     body.eliminate_dead_code()

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import tanh_f, tanh_params, tuple_f, tuple_params
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import deq_functional as dq
@@ -148,16 +149,6 @@ def test_importing_the_library_does_not_import_inductor():
     assert callable(dq.hoist_loop_invariants) and dq.hoist_loop_invariants.uuid()
 
 
-def _tanh(p, z, x):
-    return torch.tanh(z @ p["W"].T + x)
-
-
-def _two_scale(p, z, x):
-    """A tuple state ``(B, N), (B, N/2)`` coupled by pooling and upsampling."""
-    a, b = z
-    return torch.tanh(a @ p["W"].T + x + b.repeat_interleave(2, dim=1)), 0.5 * (a[:, ::2] + a[:, 1::2]) * p["s"]
-
-
 @pytest.mark.compile
 def test_compiled_ift_step_with_the_pass_equals_the_step_without_it():
     """Inductor, IFT with Anderson, two solves in one graph (a tensor state as one problem, a
@@ -166,12 +157,14 @@ def test_compiled_ift_step_with_the_pass_equals_the_step_without_it():
     gradients, iterations and statuses are the unhoisted compile's, bit for bit, and eager's."""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
-    W0, x, y = 0.3 * torch.randn(8, 8, generator=g) / 8**0.5, torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    x, y = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    tanh_p, tuple_p = tanh_params(8, 8, dtype=torch.float32), tuple_params(8, dtype=torch.float32)
+    W0 = tanh_p["W"]
     solver = dq.Anderson(tol=1e-6, max_iter=60)
 
     def loss_fn(W):
-        z, info = dq.fixed_point(_tanh, {"W": W}, x, solver=solver, grad_mode="ift")
-        (a, b), info_tuple = dq.fixed_point(_two_scale, {"W": W, "s": torch.tensor(0.4)}, x, solver=solver,
+        z, info = dq.fixed_point(tanh_f, {**tanh_p, "W": W}, x, solver=solver, grad_mode="ift")
+        (a, b), info_tuple = dq.fixed_point(tuple_f, {**tuple_p, "W1": W}, x, solver=solver,
                                             z0=(torch.zeros(4, 8), torch.zeros(4, 4)), grad_mode="ift", per_sample=True)
         return ((z - y) ** 2).sum() + (a * y).sum() + b.square().sum(), (info, info_tuple)
 
