@@ -181,8 +181,9 @@ def test_compiled_ift_step_with_the_pass_equals_the_step_without_it():
         return loss.detach(), W.grad, infos
 
     plain = run(torch.compile(loss_fn, fullgraph=True))
-    passed = run(torch.compile(lambda W: loss_fn(W), fullgraph=True,
-                               options={"post_grad_custom_pre_pass": inductor_graph_pass(counting, loop_hoisting.__file__)}))
+    with torch.compiler.config.patch(force_disable_caches=True):  # a cached graph would skip the pass
+        passed = run(torch.compile(lambda W: loss_fn(W), fullgraph=True, options={
+            "post_grad_custom_pre_pass": inductor_graph_pass(counting, loop_hoisting.__file__)}))
     eager = run(loss_fn)
     assert sum(hoisted) >= 2  # each adjoint's loop-invariant forward of f left its loop
     assert forms == {CAPTURED_LOOP_WRITES}
