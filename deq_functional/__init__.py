@@ -19,6 +19,7 @@ from .solvers import GMRES, Anderson, Broyden, Picard, Solver
 
 if TYPE_CHECKING:  # imported on first use (module __getattr__ below)
     from .loop_hoisting import hoist_loop_invariants
+    from .mask_recompute import recompute_masks
 
 __all__ = [
     "fixed_point",
@@ -49,14 +50,18 @@ __all__ = [
     "correction_weights",
     "models",
     "hoist_loop_invariants",
+    "recompute_masks",
 ]
+
+# the opt-in inductor passes, each imported on first use: they import inductor (about 1 s),
+# which ``import deq_functional`` does not
+_INDUCTOR_PASSES = {"hoist_loop_invariants": "loop_hoisting", "recompute_masks": "mask_recompute"}
 
 
 def __getattr__(name: str):
-    """``hoist_loop_invariants`` (an inductor graph pass, see ``loop_hoisting.py``) is imported
-    on first use: it imports inductor (about 1 s), which ``import deq_functional`` does not."""
-    if name == "hoist_loop_invariants":
-        from .loop_hoisting import hoist_loop_invariants
+    """The inductor graph passes (``loop_hoisting.py``, ``mask_recompute.py``), imported on first use."""
+    if name in _INDUCTOR_PASSES:
+        import importlib
 
-        return hoist_loop_invariants
+        return getattr(importlib.import_module(f".{_INDUCTOR_PASSES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,12 @@ host only eagerly. This is the one module that touches private torch API:
   schema), the ``auto_functionalized_v2`` wrapper of a ``while_loop`` that writes captured
   buffers, and its schema (`functionalized_while_loop`, `while_loop_schema`), and inductor's
   ``CustomGraphPass`` interface (`inductor_graph_pass`); inductor is imported only when a
-  pass is made (about 1 s).
+  pass is made (about 1 s);
+* the joint-graph form, for the opt-in pass in ``mask_recompute.py``: which ops are pointwise
+  (`pointwise_op`: the op's ``torch.Tag.pointwise``) and the node annotation AOTAutograd's
+  partitioner reads to recompute a value in the backward instead of saving it
+  (`recompute_in_backward`: ``node.meta["recompute"]``, the key activation checkpointing
+  writes).
 """
 
 from __future__ import annotations
@@ -164,6 +169,22 @@ def aten_op(target: Any) -> bool:
     return not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags
 
 
+def pointwise_op(target: Any) -> bool:
+    """Whether an FX node's target is a pure (`aten_op`) elementwise operator, such as ``gt``,
+    ``le``, ``logical_and``: ``torch.Tag.pointwise`` among its tags."""
+    return aten_op(target) and torch.Tag.pointwise in target.tags
+
+
+def recompute_in_backward(node: Any) -> None:
+    """Mark a joint-graph node so that AOTAutograd's min-cut partitioner recomputes it in the
+    backward graph instead of saving it for backward: its inputs are saved (or recomputed in
+    turn). The mark is ``CheckpointPolicy.MUST_RECOMPUTE`` under ``node.meta["recompute"]``,
+    as ``torch.utils.checkpoint``'s selective policies write it (torch 2.13, 2.14.1)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+
+
 def is_view_op(target: Any) -> bool:
     """Whether an FX node's target is an operator whose output is a view of its first input."""
     return isinstance(target, torch._ops.OpOverload) and target.is_view
@@ -199,7 +220,8 @@ def while_loop_schema(old: Any, cond: Any, body: Any, carried: list, additional:
 
 def inductor_graph_pass(fn: Callable[[Any], Any], source: str) -> Any:
     """``fn(graph)`` as an inductor ``CustomGraphPass`` (for ``options={"post_grad_custom_pre_pass":
-    ...}``), whose ``uuid`` keys inductor's FX graph cache on the file ``source``."""
+    ...}`` or ``{"joint_custom_pre_pass": ...}``), whose ``uuid`` keys inductor's FX graph cache
+    on the file ``source``."""
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class GraphPass(CustomGraphPass):

@@ -1,0 +1,74 @@
+"""Recompute boolean masks in the backward instead of saving them: an inductor joint-graph pass, opt-in.
+
+A compiled training step saves, for its backward, whatever AOTAutograd's min-cut partitioner
+picks; for a ReLU / leaky ReLU / clamp / max-pool layer that is often the boolean mask of the
+forward (``x > 0``), one byte per element where the float input costs four. On x86 CPUs the
+bytes are the cheap part: inductor's vectorised C++ writes and reads bool tensors through a
+generic, element-by-element path (torch 2.13 and 2.14.1, AVX2 and AVX-512), so storing a mask of
+165,888 elements costs ~1.5 ms compiled against 84 µs eagerly (a float output of the same
+kernel: 40 µs), and loading it in the backward 0.59 ms against 65 µs. The conv net's JFB step
+(bench/) spends ~6 ms of its ~52 ms there, which made the compiled step slower than eager.
+
+`recompute_masks` marks every boolean-valued elementwise node of the joint forward-backward
+graph for recomputation (`tag_masks`). The partitioner then saves the float values the mask is
+computed from (or what they are recomputed from in turn) and the backward kernel evaluates the
+comparison itself, fused into its elementwise work: no bool tensor crosses from the forward
+graph to the backward graph. Use it per compile, through inductor's option (the library sets
+no global flag)::
+
+    step = torch.compile(loss_fn, fullgraph=True,
+                         options={"joint_custom_pre_pass": dq.recompute_masks})
+
+It changes what is saved, not what is computed: a recomputed mask is the same comparison of the
+same float values, so gradients equal the plain compile's bit for bit (tests/test_mask_recompute.py).
+Random masks (dropout's ``rand < p``) stay correct: random ops are never recomputed, so their
+random values are saved and the comparison is redone on them. Costs: the saved float values
+can take more memory than the masks (the conv JFB step: 10.5 MB against 8.5 MB plain compiled
+and 17.7 MB eager), and each recomputed comparison is one more read of its inputs in the backward
+(fused, so no extra kernel). It helps where the step saves masks (ReLU-family and max-pool
+layers); a tanh / sigmoid network has none and is left as it is. Measured gain: bench/RESULTS.md
+and the compile guide.
+
+It works on the FX form of the joint graph that torch 2.13 and 2.14.1 hand to
+``joint_custom_pre_pass``; the private torch API that needs is behind named helpers in
+``_transforms.py``. It is imported (and with it inductor, about 1 s) only when
+``dq.recompute_masks`` is first used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ._transforms import inductor_graph_pass, pointwise_op, recompute_in_backward
+
+__all__ = ["recompute_masks", "tag_masks"]
+
+
+def _is_mask(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bool
+
+
+def tag_masks(graph: fx.Graph) -> int:
+    """Mark every boolean-valued elementwise node of a joint graph to be recomputed in the
+    backward; returns how many were marked.
+
+    A node is marked when it calls a pure elementwise ATen / prims operator (no mutation, no
+    random numbers: a random op is never marked, so its values are saved) and its value is a
+    bool tensor of any shape. Nodes that only view a mask, reductions to a mask (``any``,
+    ``all``) and higher-order ops (``while_loop``: a solve's outputs are never marked) are left to
+    the partitioner. Cost: one pass over the nodes.
+    """
+    marked = 0
+    for node in graph.nodes:
+        if node.op == "call_function" and pointwise_op(node.target) and _is_mask(node):
+            recompute_in_backward(node)
+            marked += 1
+    return marked
+
+
+recompute_masks = inductor_graph_pass(tag_masks, __file__)
+"""`tag_masks` as an inductor ``CustomGraphPass``: pass it per compile call as
+``options={"joint_custom_pre_pass": dq.recompute_masks}`` (its ``uuid`` keys inductor's FX graph
+cache on this file)."""
