@@ -22,14 +22,21 @@ recorded (they must agree).
   median. A third arm replays only the eager step's model GEMMs / convolutions
   (``measure.ModelOps``: embedding, every f, readout and their backward; not the
   solver's ``bmm``): ÷ eager, the lowest compiled ÷ eager a compiler can reach that runs
-  the same model arithmetic on the same BLAS / oneDNN. The conv workload: JFB at K=30
-  only (its compile is several times the MLP's).
+  the same model arithmetic on the same BLAS / oneDNN. The conv workload: JFB and IFT at
+  K=30 only (its compile is several times the MLP's), with one more arm compiled with
+  ``options={"joint_custom_pre_pass": dq.recompute_masks}`` (the library's opt-in pass: the
+  backward recomputes the leaky-ReLU / max-pool masks instead of loading saved bool tensors).
 
 ``bench_compiled_budget``: a compiled no-grad solve with ``max_iter=4000`` vs the same
 with ``max_iter=30`` on a problem that converges in 14 iterations (MLP, Anderson m=5,
 tol 1e-6): with ``torch.while_loop`` neither pays for its unused budget.
 
 Before timing, compiled and eager are checked to agree (loss, gradients, nstep, status).
+
+``bench_mask_store``: why that pass pays on a CPU. One compiled elementwise kernel, the conv
+net's leaky-ReLU comparison on its state's shape, writing its result as bool against as float32,
+and one reading a bool mask against a float32 mask (``where``), each against eager: inductor's
+x86 vector code moves bool tensors element by element.
 
 ``bench_torchdeq_fullgraph``: whether torchdeq's loss compiles with ``fullgraph=True``.
 """
@@ -131,7 +138,8 @@ def _check_same(step_c, step_e, params_c, params_e):
     return check
 
 
-STEP_CASES = [("mlp", m, k) for m in MODES for k in MLP_MAX_ITERS] + [("conv", "jfb", CONV_MAX_ITER)]
+STEP_CASES = [("mlp", m, k) for m in MODES for k in MLP_MAX_ITERS] + [("conv", m, CONV_MAX_ITER) for m in MODES]
+RECOMPUTED_MASKS = {"joint_custom_pre_pass": dq.recompute_masks}
 
 
 @pytest.mark.compile
@@ -156,9 +164,17 @@ def bench_compiled_step(deq_benchmark, make_workload, workload, mode, max_iter):
         check = _check_same(compiled, eager, params_c, params_e)
         for step in (compiled, eager):  # one more untimed call each (a second call may still specialise)
             step()
+    arms = {"compiled": compiled, "eager": eager}
+    if workload == "conv":  # the same loss compiled with the mask pass (a warm inductor cache: its own graphs)
+        params_m = w.clone_params()
+        masks = wl.TrainStep(torch.compile(loss_fn, fullgraph=True, options=RECOMPUTED_MASKS), params_m)
+        masks()
+        check_masks = _check_same(masks, eager, params_m, params_e)
+        masks()
+        arms["masks_recomputed"] = masks
 
     floor = measure.ModelOps(eager)  # the eager step's model GEMMs/convs, replayed alone
-    rot = measure.Rotating(timer, {"compiled": compiled, "eager": eager, "model_ops": floor.replay})
+    rot = measure.Rotating(timer, {**arms, "model_ops": floor.replay})
     load_before = measure.load_average()
     deq_benchmark.group = "compile"
     deq_benchmark.pedantic(rot.round, rounds=ROUNDS[workload], warmup=0)
@@ -174,6 +190,11 @@ def bench_compiled_step(deq_benchmark, make_workload, workload, mode, max_iter):
         "model_ops_s": measure.stats(rot.samples["model_ops"]),
         "model_ops_counts": floor.counts,
         "ratio_model_ops_over_eager": rot.ratio("model_ops", "eager"),
+        **({"masks_recomputed_s": measure.stats(rot.samples["masks_recomputed"]),
+            "ratio_masks_recomputed_over_eager": rot.ratio("masks_recomputed", "eager"),
+            "ratio_masks_recomputed_over_compiled": rot.ratio("masks_recomputed", "compiled"),
+            "check_masks_recomputed": check_masks,
+            "masks_recomputed_info": wl.info_summary(masks.last[1])} if "masks_recomputed" in arms else {}),
         "compile_s": first_step_s - compiled_s["median"],
         "first_compiled_step_s": first_step_s,
         "compile_cache": "cold: torch._dynamo.reset() + torch._inductor.utils.fresh_cache()",
@@ -238,6 +259,40 @@ def bench_compiled_budget(deq_benchmark, make_workload):
 
 # torchdeq's loss under torch.compile(fullgraph=True), its configuration of bench_vs_torchdeq.py
 TD_MAX_ITER, TD_TOL, TD_M = 30, 1e-6, 6
+
+
+MASK_ROUNDS = 40
+MASK_KERNELS = {  # name -> (kernel, which input it reads: the state or a mask of it)
+    "store bool": (lambda a: a > 0, "state"),
+    "store float32": (lambda a: (a > 0).to(a.dtype), "state"),
+    "load bool": (lambda m, g: torch.where(m, g, 0.1 * g), "bool mask"),
+    "load float32": (lambda m, g: torch.where(m != 0, g, 0.1 * g), "float32 mask"),
+}
+
+
+@pytest.mark.compile
+def bench_mask_store(benchmark, make_workload, timer, device):
+    w = make_workload("conv")
+    shape = w.f_bare_args()[1].shape  # the conv net's state
+    gen = torch.Generator(device).manual_seed(0)
+    a, g = (torch.randn(shape, generator=gen, device=device) for _ in range(2))
+    inputs = {"state": (a,), "bool mask": (a > 0, g), "float32 mask": ((a > 0).to(a.dtype), g)}
+    arms = {}
+    for name, (kernel, reads) in MASK_KERNELS.items():
+        compiled = torch.compile(kernel, fullgraph=True)
+        for arm, fn in (("compiled " + name, compiled), ("eager " + name, kernel)):
+            arms[arm] = functools.partial(fn, *inputs[reads])
+            arms[arm]()  # compiles (once per kernel), warms
+    rot = measure.Rotating(timer, arms)
+    load_before = measure.load_average()
+    benchmark.group = "compile"
+    benchmark.pedantic(rot.round, rounds=MASK_ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update({
+        "kind": "mask_store", "workload": "conv", "workload_source": w.source, "shape": list(a.shape),
+        "numel": a.numel(), "kernels": {k: reads for k, (_, reads) in MASK_KERNELS.items()},
+        "time_s": {arm: measure.stats(rot.samples[arm]) for arm in arms},
+        "load_average": [load_before, measure.load_average()],
+    })
 
 
 @pytest.mark.compile
