@@ -255,7 +255,7 @@ def section_compile(data, rows):
             "convolutions (embedding, every f, readout, their backward; recorded with a `TorchDispatchMode`, "
             "`bench/measure.py: ModelOps`): the lowest compiled ÷ eager that any compiler running the same model "
             "arithmetic on the same BLAS / oneDNN can reach."
-            + (" The conv net: JFB at one max_iter only (its compile takes several times the MLP's)."
+            + (" The conv net: one max_iter only (its compile takes several times the MLP's)."
                if any(r["workload"] == "conv" for r in rs) else ""),
             "",
             command(data, "bench_compiled_step"),
