@@ -14,6 +14,11 @@ Compiled: ``torch.compile(solve, fullgraph=True)`` of the whole no-grad
 ``fixed_point`` call (one compile per K), compared against a compiled bare f
 (same ``fullgraph=True``) and, for reference, the eager bare f.
 
+Peer (``torchdeq`` rows, MLP, eager): torchdeq's own solvers (``torchdeq.solver.get_solver``:
+``fixed_point_iter``, ``anderson`` with m=6, ``broyden``) on the same f, same z0, same K1 / K2
+(stopping never triggers: relative tol 1e-30), timed the same way: is a per-iteration ratio of ours
+a floor of eager PyTorch, or does a peer beat it?
+
 Clock (``deq_functional.benchmarking.DeviceTimer``): on CPU ``time.thread_time``, the
 CPU time of the calling thread. With ``torch.set_num_threads(1)`` (bench/conftest.py)
 every kernel runs in that thread, so it counts the same work as wall time but not the
@@ -50,7 +55,26 @@ def _solve_fn(w, solver):
     return solve
 
 
+TORCHDEQ_SOLVERS = {"picard": ("fixed_point_iter", {}), "anderson": ("anderson", {"m": 6}), "broyden": ("broyden", {})}
+
+
+def _torchdeq_solve_fn(w, solver, k):
+    """torchdeq's solver ``solver`` for exactly k iterations of the same f; returns (z, nstep)."""
+    from torchdeq.solver import get_solver
+
+    name, kwargs = TORCHDEQ_SOLVERS[solver]
+    run = get_solver(name)
+
+    def solve(params, x):
+        with torch.no_grad():
+            z, _, info = run(lambda z: w.f(params, z, x), w.z_like(x), max_iter=k, tol=1e-30, stop_mode="rel", **kwargs)
+            return z, info["nstep"]
+
+    return solve
+
+
 CASES = [(wname, s, "eager") for wname in ("mlp", "conv") for s in SOLVERS]
+CASES += [("mlp", s, "torchdeq") for s in SOLVERS]  # the eager peer on the same f
 # compiled: MLP only -- on 2 cores each compile takes 10-100 s, conv ones longer
 CASES += [pytest.param("mlp", s, "compiled", marks=pytest.mark.compile) for s in SOLVERS]
 
@@ -61,8 +85,12 @@ def bench_solver_overhead(deq_benchmark, make_workload, device, workload, solver
     wall = deq_benchmark.make_timer()  # compile times: wall clock (inductor compiles in worker processes)
     w = make_workload(workload)
     params, z, x = w.f_bare_args()
-    k1, k2 = K_EAGER if mode == "eager" else K_COMPILED
-    solves = {k: _solve_fn(w, SOLVERS[solver](k)) for k in (k1, k2)}
+    k1, k2 = K_COMPILED if mode == "compiled" else K_EAGER
+    if mode == "torchdeq":
+        pytest.importorskip("torchdeq", reason="the peer rows need the bench extra (pip install -e '.[bench]')")
+        solves = {k: _torchdeq_solve_fn(w, solver, k) for k in (k1, k2)}
+    else:
+        solves = {k: _solve_fn(w, SOLVERS[solver](k)) for k in (k1, k2)}
 
     def bare():
         with torch.no_grad():
@@ -101,6 +129,10 @@ def bench_solver_overhead(deq_benchmark, make_workload, device, workload, solver
     deq_benchmark.pedantic(one_round, rounds=ROUNDS[workload], warmup=0, clock=timer.clock)
 
     z_star, info = solves[k2](params, x)
+    if mode == "torchdeq":  # torchdeq reports its step count per problem
+        info = {"nstep": int(torch.as_tensor(info).max())}
+    else:
+        info = wl.info_summary(info)
     marginal = [(t2 - t1) / (k2 - k1) / tf for tf, _, t1, t2 in rows]
     mins = [min(col) for col in zip(*rows, strict=True)]  # noise only adds time: minima are the robust estimate
     whole = [t2 / (k2 * tf) for tf, _, t1, t2 in rows]
@@ -117,6 +149,6 @@ def bench_solver_overhead(deq_benchmark, make_workload, device, workload, solver
         "ratio_per_iter_vs_eager_f": measure.stats([(t2 - t1) / (k2 - k1) / tfe for _, tfe, t1, t2 in rows]),
         "solve_s": {f"K={k1}": measure.stats([r[2] for r in rows]), f"K={k2}": measure.stats([r[3] for r in rows])},
         "compile_s": compile_s,
-        "info": wl.info_summary(info),
+        "info": info,
         "load_average": [load_before, measure.load_average()],
     })

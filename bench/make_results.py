@@ -152,6 +152,8 @@ def section_solver(data, rows):
         "Compiled rows: the whole `fixed_point` "
         "call under `torch.compile(fullgraph=True)` ÷ a compiled bare f (the last column: ÷ the eager bare f). "
         "Whole call = `T(K2) / (K2 · t_f)` (includes `fixed_point`'s input check f call and the final f application). "
+        "Mode torchdeq: the eager peer, torchdeq's own solvers (`get_solver`: fixed_point_iter, anderson m=6, broyden) "
+        "on the same f, z0 and K, timed in the same rounds' way (is our eager ratio a floor, or does a peer beat it?). "
         "Clock: " + (rs[0].get("clock") or "time.perf_counter") + (
             " — with 1 torch thread every kernel runs in the benchmark's thread, so this counts the same work as "
             "wall time but not the time the thread waits for a core while other processes run"
@@ -178,6 +180,13 @@ def section_solver(data, rows):
         if bound is not None and (r["mode"] == "eager" or r["solver"] == "picard"):
             checks.append((f"{r['solver'].title()} per iteration ≤ {bound}× bare f ({r['workload']}, {r['mode']})",
                            shown, best <= bound))
+    peers = {(r["workload"], r["solver"]): r for r in rs if r["mode"] == "torchdeq"}
+    for r in rs:
+        peer = peers.get((r["workload"], r["solver"])) if r["mode"] == "eager" else None
+        if peer is not None:
+            ours, theirs = r["ratio_per_iter"]["median"], peer["ratio_per_iter"]["median"]
+            checks.append((f"{r['solver'].title()} per iteration ≤ torchdeq's, same f ({r['workload']}, eager; ÷ f, medians)",
+                           f"{ours:.2f} vs {theirs:.2f}", ours <= theirs))
     out.append("")
     return out, checks
 
