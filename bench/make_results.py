@@ -177,7 +177,7 @@ def section_solver(data, rows):
         best = r["ratio_per_iter"]["median"]
         shown = f"{mmed(r['ratio_per_iter'])} (from minima: {r['ratio_per_iter_of_minima']:.2f})"
         bound = TARGETS["per_iter"].get((r["solver"], r["workload"]))
-        if bound is not None and (r["mode"] == "eager" or r["solver"] == "picard"):
+        if bound is not None and (r["mode"] == "eager" or (r["mode"] == "compiled" and r["solver"] == "picard")):
             checks.append((f"{r['solver'].title()} per iteration ≤ {bound}× bare f ({r['workload']}, {r['mode']})",
                            shown, best <= bound))
     peers = {(r["workload"], r["solver"]): r for r in rs if r["mode"] == "torchdeq"}
