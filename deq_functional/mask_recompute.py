@@ -4,16 +4,17 @@ A compiled training step saves, for its backward, whatever AOTAutograd's min-cut
 picks; for a ReLU / leaky ReLU / clamp / max-pool layer that is often the boolean mask of the
 forward (``x > 0``), one byte per element where the float input costs four. On x86 CPUs the
 bytes are the cheap part: inductor's vectorised C++ writes and reads bool tensors through a
-generic, element-by-element path (torch 2.13 and 2.14.1, AVX2 and AVX-512), so storing a mask of
-165,888 elements costs ~1.5 ms compiled against 84 µs eagerly (a float output of the same
-kernel: 40 µs), and loading it in the backward 0.59 ms against 65 µs. The conv net's JFB step
-(bench/) spends ~6 ms of its ~52 ms there, which made the compiled step slower than eager.
+generic, element-by-element path (torch 2.13 and 2.14.1, AVX2 and AVX-512): on the conv net's
+state (165,888 elements, bench/RESULTS.md table 3) the compiled ``a > 0`` takes ~1.5 ms writing
+bool against ~0.1 ms eagerly or writing float32, and reading a bool mask in ``where`` ~0.6 ms
+against ~0.1 ms for a float32 mask. The conv net's JFB step spent ~6 ms of its ~52 ms there,
+which made the compiled step slower than eager.
 
 `recompute_masks` marks every boolean-valued elementwise node of the joint forward-backward
 graph for recomputation (`tag_masks`). The partitioner then saves the float values the mask is
 computed from (or what they are recomputed from in turn) and the backward kernel evaluates the
-comparison itself, fused into its elementwise work: no bool tensor crosses from the forward
-graph to the backward graph. Use it per compile, through inductor's option (the library sets
+comparison itself, fused into its elementwise work: no mask made by an elementwise op crosses
+from the forward graph to the backward graph. Use it per compile, through inductor's option (the library sets
 no global flag)::
 
     step = torch.compile(loss_fn, fullgraph=True,
@@ -24,8 +25,8 @@ same float values, so gradients equal the plain compile's bit for bit (tests/tes
 Random masks (dropout's ``rand < p``) stay correct: random ops are never recomputed, so their
 random values are saved and the comparison is redone on them. Costs: the saved float values
 can take more memory than the masks (the conv JFB step: 10.5 MB against 8.5 MB plain compiled
-and 17.7 MB eager), and each recomputed comparison is one more read of its inputs in the backward
-(fused, so no extra kernel). It helps where the step saves masks (ReLU-family and max-pool
+and 17.7 MB eager), and each recomputed comparison reads its float inputs in the backward, inside
+the kernel that used to read the mask. It helps where the step saves masks (ReLU-family and max-pool
 layers); a tanh / sigmoid network has none and is left as it is. Measured gain: bench/RESULTS.md
 and the compile guide.
 
