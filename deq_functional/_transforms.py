@@ -175,14 +175,19 @@ def pointwise_op(target: Any) -> bool:
     return aten_op(target) and torch.Tag.pointwise in target.tags
 
 
-def recompute_in_backward(node: Any) -> None:
+def recompute_in_backward(node: Any) -> bool:
     """Mark a joint-graph node so that AOTAutograd's min-cut partitioner recomputes it in the
     backward graph instead of saving it for backward: its inputs are saved (or recomputed in
     turn). The mark is ``CheckpointPolicy.MUST_RECOMPUTE`` under ``node.meta["recompute"]``,
-    as ``torch.utils.checkpoint``'s selective policies write it (torch 2.13, 2.14.1)."""
+    as ``torch.utils.checkpoint``'s selective policies write it (torch 2.13, 2.14.1). A node
+    that already carries a policy (the user's activation checkpointing set one) keeps it.
+    Returns whether the node was marked."""
     from torch.utils.checkpoint import CheckpointPolicy
 
+    if node.meta.get("recompute") is not None:
+        return False
     node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    return True
 
 
 def is_view_op(target: Any) -> bool:

@@ -59,13 +59,13 @@ def tag_masks(graph: fx.Graph) -> int:
     random numbers: a random op is never marked, so its values are saved) and its value is a
     bool tensor of any shape. Nodes that only view a mask, reductions to a mask (``any``,
     ``all``) and higher-order ops (``while_loop``: a solve's outputs are never marked) are left to
-    the partitioner. Cost: one pass over the nodes.
+    the partitioner, and a node that already carries a recompute policy (``torch.utils.checkpoint``
+    with a selective policy sets them) keeps its own. Cost: one pass over the nodes.
     """
     marked = 0
     for node in graph.nodes:
         if node.op == "call_function" and pointwise_op(node.target) and _is_mask(node):
-            recompute_in_backward(node)
-            marked += 1
+            marked += recompute_in_backward(node)
     return marked
 
 

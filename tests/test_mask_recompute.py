@@ -40,6 +40,19 @@ def test_elementwise_bool_nodes_are_marked_and_nothing_else():
     assert {"aten.rand_like.default", "aten.any.default", "aten.where.self", "aten.mul.Tensor"} <= unmarked
 
 
+def test_a_policy_already_set_is_kept():
+    """A mask the user's activation checkpointing chose to save stays saved; the others are marked."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    gm = make_fx(lambda x: ((x > 0) & (x < 1)).float(), tracing_mode="fake")(torch.randn(3, 4))
+    gt = next(n for n in gm.graph.nodes if str(n.target) == "aten.gt.Scalar")
+    gt.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+    assert mask_recompute.tag_masks(gm.graph) == 2  # lt and bitwise_and
+    assert gt.meta["recompute"] is CheckpointPolicy.MUST_SAVE
+    assert {str(n.target) for n in gm.graph.nodes if n.meta.get("recompute") is CheckpointPolicy.MUST_RECOMPUTE} == {
+        "aten.lt.Scalar", "aten.bitwise_and.Tensor"}
+
+
 def test_a_graph_without_masks_is_left_as_it_is():
     count, marked, _ = _marked(lambda x, W: torch.tanh(x @ W.T).sum(), torch.randn(3, 4), torch.randn(4, 4))
     assert count == 0 and marked == set()
