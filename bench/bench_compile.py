@@ -23,9 +23,10 @@ recorded (they must agree).
   (``measure.ModelOps``: embedding, every f, readout and their backward; not the
   solver's ``bmm``): ÷ eager, the lowest compiled ÷ eager a compiler can reach that runs
   the same model arithmetic on the same BLAS / oneDNN. The conv workload: JFB and IFT at
-  K=30 only (its compile is several times the MLP's), with one more arm compiled with
+  K=30 only (its compile is several times the MLP's), with two more arms: compiled with
   ``options={"joint_custom_pre_pass": dq.recompute_masks}`` (the library's opt-in pass: the
-  backward recomputes the leaky-ReLU / max-pool masks instead of loading saved bool tensors).
+  backward recomputes the leaky-ReLU / max-pool masks instead of loading saved bool tensors),
+  and with that and ``dq.hoist_loop_invariants`` both (``PASS_ARMS``).
 
 ``bench_compiled_budget``: a compiled no-grad solve with ``max_iter=4000`` vs the same
 with ``max_iter=30`` on a problem that converges in 14 iterations (MLP, Anderson m=5,
@@ -139,7 +140,11 @@ def _check_same(step_c, step_e, params_c, params_e):
 
 
 STEP_CASES = [("mlp", m, k) for m in MODES for k in MLP_MAX_ITERS] + [("conv", m, CONV_MAX_ITER) for m in MODES]
-RECOMPUTED_MASKS = {"joint_custom_pre_pass": dq.recompute_masks}
+# the conv steps once more per set of the library's opt-in passes (arm name -> inductor options)
+PASS_ARMS = {
+    "masks_recomputed": {"joint_custom_pre_pass": dq.recompute_masks},
+    "both_passes": {"joint_custom_pre_pass": dq.recompute_masks, "post_grad_custom_pre_pass": dq.hoist_loop_invariants},
+}
 
 
 @pytest.mark.compile
@@ -165,13 +170,14 @@ def bench_compiled_step(deq_benchmark, make_workload, workload, mode, max_iter):
         for step in (compiled, eager):  # one more untimed call each (a second call may still specialise)
             step()
     arms = {"compiled": compiled, "eager": eager}
-    if workload == "conv":  # the same loss compiled with the mask pass (a warm inductor cache: its own graphs)
-        params_m = w.clone_params()
-        masks = wl.TrainStep(torch.compile(loss_fn, fullgraph=True, options=RECOMPUTED_MASKS), params_m)
-        masks()
-        check_masks = _check_same(masks, eager, params_m, params_e)
-        masks()
-        arms["masks_recomputed"] = masks
+    pass_checks = {}
+    for name, options in PASS_ARMS.items() if workload == "conv" else ():
+        # the same loss compiled with the library's passes (a warm inductor cache: their own graphs)
+        params_p = w.clone_params()
+        arms[name] = wl.TrainStep(torch.compile(loss_fn, fullgraph=True, options=options), params_p)
+        arms[name]()
+        pass_checks[name] = _check_same(arms[name], eager, params_p, params_e)
+        arms[name]()
 
     floor = measure.ModelOps(eager)  # the eager step's model GEMMs/convs, replayed alone
     rot = measure.Rotating(timer, {**arms, "model_ops": floor.replay})
@@ -190,11 +196,10 @@ def bench_compiled_step(deq_benchmark, make_workload, workload, mode, max_iter):
         "model_ops_s": measure.stats(rot.samples["model_ops"]),
         "model_ops_counts": floor.counts,
         "ratio_model_ops_over_eager": rot.ratio("model_ops", "eager"),
-        **({"masks_recomputed_s": measure.stats(rot.samples["masks_recomputed"]),
-            "ratio_masks_recomputed_over_eager": rot.ratio("masks_recomputed", "eager"),
-            "ratio_masks_recomputed_over_compiled": rot.ratio("masks_recomputed", "compiled"),
-            "check_masks_recomputed": check_masks,
-            "masks_recomputed_info": wl.info_summary(masks.last[1])} if "masks_recomputed" in arms else {}),
+        "pass_arms": {name: {"options": sorted(PASS_ARMS[name]), "s": measure.stats(rot.samples[name]),
+                             "ratio_over_eager": rot.ratio(name, "eager"), "ratio_over_compiled": rot.ratio(name, "compiled"),
+                             "check": check, "info": wl.info_summary(arms[name].last[1])}
+                      for name, check in pass_checks.items()},
         "compile_s": first_step_s - compiled_s["median"],
         "first_compiled_step_s": first_step_s,
         "compile_cache": "cold: torch._dynamo.reset() + torch._inductor.utils.fresh_cache()",
